@@ -31,7 +31,9 @@ def import_torchvision() -> ModuleType:
         if "torchvision::" not in str(err):
             raise
     # Drop the half-imported package, stub the operator registrations, retry.
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    for name in [
+        m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")
+    ]:
         del sys.modules[name]
     sys.modules[_META] = types.ModuleType(_META)
     return importlib.import_module("torchvision")

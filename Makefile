@@ -1,0 +1,52 @@
+# Two commands matter: `make run` (the default simulation) and `make test`.
+# Both create .venv when missing and install the pinned versions of constraints.txt.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# Where datasets are looked for (the CIFAR-10 copy in ../shared/data when present).
+DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpg.tar.gz),$(abspath ../shared/data),$(HOME)/.cache/mh-pfedhn/data)
+RESULTS_DIR ?= $(CURDIR)/results
+# Extra run-config overrides, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'"
+RUN_CONFIG ?=
+FEDERATION_CONFIG ?= $(CURDIR)/simulation.toml
+# flwr would otherwise `uv sync` the app's dependencies for every run (and pull
+# CUDA builds of torch); the venv already has them.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+
+.PHONY: install run test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: the pinned 2.13.0 CPU build; any other torch pulls CUDA wheels.
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+# The local SuperLink that `flwr run` starts stays up after the run; it is started
+# from a neutral folder so that ClientApps never import code from this checkout's
+# working directory instead of the submitted app.
+run: install
+	mkdir -p $(RESULTS_DIR)
+	cd $(VENV) && PATH="$(abspath $(BIN)):$$PATH" flwr run $(CURDIR) \
+		--federation-config $(FEDERATION_CONFIG) \
+		--run-config 'data-dir="$(DATA_DIR)" results-dir="$(RESULTS_DIR)" $(RUN_CONFIG)' \
+		--stream
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -1,0 +1,62 @@
+"""The ClientApp: answers the handshake (QUERY), TRAIN and EVALUATE messages.
+
+Every handler validates the run config, resolves this client's identity, model and
+data (:class:`client_app.local.LocalClient`), and delegates the strategy-specific
+work to the trainer registered for ``strategy``. An exception becomes Flower's
+error reply, which the server reports with the client's name.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from common import protocol as P
+from common.config import load_run_config
+
+from .local import LocalClient
+from .trainers import build_trainer
+
+app = ClientApp()
+
+
+def _client(context: Context) -> LocalClient:
+    return LocalClient.from_context(context, load_run_config(context.run_config))
+
+
+def _round(message: Message) -> int:
+    return int(message.content[P.CONFIG][P.ROUND])
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Handshake: name, parameter count and example counts; nothing else."""
+    client = _client(context)
+    trainer = build_trainer(client.cfg.strategy, client)
+    content = trainer.reply(
+        {
+            P.NUM_PARAMS: client.num_params,
+            P.NUM_TRAIN: client.data.num_train,
+            P.NUM_TEST: client.data.num_test,
+        }
+    )
+    return Message(content=content, reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Local training on the model the server sent; reply with the update."""
+    client = _client(context)
+    trainer = build_trainer(client.cfg.strategy, client)
+    content: RecordDict = trainer.train(message.content, _round(message))
+    client.save_buffers(context)
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Loss and accuracy of the model the server sent on the local test split."""
+    client = _client(context)
+    trainer = build_trainer(client.cfg.strategy, client)
+    content = trainer.evaluate(message.content, _round(message))
+    return Message(content=content, reply_to=message)

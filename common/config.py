@@ -1,0 +1,173 @@
+"""Run configuration: one typed, validated view of ``[tool.flwr.app.config]``.
+
+Flower hands both apps a flat ``run_config`` mapping with dash-case keys (defaults
+from ``pyproject.toml``, overridden by ``flwr run --run-config``). Both the
+ServerApp and the ClientApp call :func:`load_run_config` once, so a bad value stops
+the run before round 1 with one message naming the key, the value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+#: Class counts of the built-in datasets, so that ``classes-per-client`` can be
+#: checked on the server before any data is loaded. ``imagefolder`` discovers its
+#: class count from the folder and is checked by the clients.
+KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
+DATASETS = ("cifar10", "cifar100", "imagefolder")
+
+
+class ConfigError(ValueError):
+    """A run-config value is not allowed; the message says which and why."""
+
+
+def _dash(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """Every run-config key of the app (see the README's table for meanings)."""
+
+    model_config = ConfigDict(
+        alias_generator=_dash, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    # What runs (``strategy`` is checked against the server's registry)
+    strategy: str = "mh-pfedhn"
+    num_server_rounds: int = Field(40, ge=1)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    eval_every: int = Field(1, ge=1)
+    min_clients: int = Field(2, ge=1)
+    round_timeout: float = Field(3600.0, gt=0.0)
+    seed: int = Field(42, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Data
+    dataset: str = "cifar10"
+    data_dir: str = "~/.cache/mh-pfedhn/data"
+    download: bool = True
+    partition: Literal["pathological", "dirichlet"] = "pathological"
+    classes_per_client: int = Field(2, ge=1)
+    dirichlet_alpha: float = Field(0.1, gt=0.0)
+    dirichlet_min_size: int = Field(31, ge=1)
+
+    # Client models and local training
+    models: str = "cnn"
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    client_lr: float = Field(5e-3, gt=0.0)
+    client_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    client_weight_decay: float = Field(5e-4, ge=0.0)
+    client_grad_clip: float = Field(50.0, gt=0.0)
+
+    # Hypernetwork
+    hn_lr: float = Field(2e-4, gt=0.0)
+    hn_grad_clip: float = Field(50.0, gt=0.0)
+    hn_update: Literal["sequential", "mean"] = "sequential"
+    embed_dim: int = Field(64, ge=1)
+    embed_init_std: float = Field(0.002, gt=0.0)
+    hidden_dim: int = Field(128, ge=1)
+    hidden_layers: int = Field(3, ge=1)
+    chunk_size: int = Field(3072, ge=1)
+
+    # Results
+    results_dir: str = "~/mh-pfedhn-results"
+    run_name: str = ""
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset; allowed: {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, value: str) -> str:
+        from common.models import available_models
+
+        names = [m.strip() for m in value.split(",")]
+        allowed = available_models()
+        if not value.strip() or any(not m for m in names):
+            raise ValueError(
+                "must be a comma-separated list of model names, e.g. 'cnn,vgg8'"
+            )
+        unknown = [m for m in names if m not in allowed]
+        if unknown:
+            raise ValueError(
+                f"unknown model {', '.join(unknown)}; allowed: {', '.join(allowed)}"
+            )
+        return ",".join(names)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, value: str) -> str:
+        if value and (value in {".", ".."} or "/" in value or "\\" in value):
+            raise ValueError("must be a plain folder name (no path separators)")
+        return value
+
+    @property
+    def model_list(self) -> list[str]:
+        """``models`` as a list, in the order clients are assigned to them."""
+        return self.models.split(",")
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved configuration with dash-case keys, as written to disk."""
+        return self.model_dump(by_alias=True)
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    classes = KNOWN_CLASS_COUNTS.get(cfg.dataset)
+    if (
+        cfg.partition == "pathological"
+        and classes is not None
+        and cfg.classes_per_client > classes
+    ):
+        raise ConfigError(
+            f"run-config key 'classes-per-client' = {cfg.classes_per_client} is not "
+            f"allowed: dataset '{cfg.dataset}' has {classes} classes, so it must be "
+            f"between 1 and {classes}"
+        )
+    for key in ("client-lr", "hn-lr", "dirichlet-alpha"):
+        value = getattr(cfg, key.replace("-", "_"))
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"run-config key '{key}' = {value} is not allowed: must be finite"
+            )
+
+
+def _explain(err: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = []
+    for item in err.errors():
+        key = str(item["loc"][0]) if item["loc"] else "?"
+        if item["type"] == "extra_forbidden":
+            lines.append(
+                f"unknown run-config key '{key}'; allowed keys: "
+                + ", ".join(sorted(RunConfig().flat()))
+            )
+            continue
+        value = raw.get(key, item.get("input"))
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"run-config key '{key}' = {value!r} is not allowed: {message}")
+    return "; ".join(lines)
+
+
+def load_run_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a Flower ``run_config`` mapping into a :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        With one message naming every offending key, its value and what is allowed.
+    """
+    try:
+        cfg = RunConfig.model_validate(dict(raw))
+    except ValidationError as err:
+        raise ConfigError(_explain(err, raw)) from None
+    _check_combinations(cfg)
+    return cfg

@@ -1,0 +1,59 @@
+"""What crosses the wire: record keys shared by the ServerApp and the ClientApp.
+
+Handshake (QUERY)
+    server -> client: ``config`` ConfigRecord (empty).
+    client -> server: ``info`` ConfigRecord with :data:`CLIENT_NAME`, and ``metrics``
+    MetricRecord with :data:`NUM_PARAMS`, :data:`NUM_TRAIN`, :data:`NUM_TEST`.
+    Nothing about layer names, shapes or the model family is sent.
+Train
+    server -> client: ``arrays`` ArrayRecord with :data:`THETA` (flat float32), and
+    ``config`` with :data:`ROUND` plus the local hyperparameters.
+    client -> server: ``arrays`` with :data:`DELTA` (``theta_sent - theta_trained``),
+    ``info`` with the client name, ``metrics`` with :data:`NUM_EXAMPLES`,
+    :data:`LOSS` and :data:`SECONDS`.
+Evaluate
+    server -> client: ``arrays`` with :data:`THETA`, ``config`` with :data:`ROUND`.
+    client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
+    :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples).
+"""
+
+import re
+
+# Record names inside a message's RecordDict
+ARRAYS = "arrays"
+CONFIG = "config"
+INFO = "info"
+METRICS = "metrics"
+
+# Arrays
+THETA = "theta"
+DELTA = "delta"
+
+# Info / config
+CLIENT_NAME = "client-name"
+ROUND = "round"
+
+# Metrics
+NUM_PARAMS = "num-params"
+NUM_TRAIN = "num-train"
+NUM_TEST = "num-test"
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+CORRECT = "correct"
+SECONDS = "seconds"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
+
+
+def check_client_name(name: str) -> str:
+    """Return ``name`` if it is a valid client name, else raise ``ValueError``.
+
+    Names key all server state and become parameter names, so they are restricted
+    to 1-128 letters, digits, ``-`` and ``_``.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"invalid client name {name!r}: use 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name

@@ -1,0 +1,39 @@
+"""The ServerApp: validate the config, build the strategy, run, write results."""
+
+from __future__ import annotations
+
+from logging import ERROR, INFO
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ConfigError, load_run_config
+
+from .registry import HandshakeError
+from .results import RunResults
+from .strategies import build_strategy
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured strategy for ``num-server-rounds`` rounds."""
+    try:
+        cfg = load_run_config(context.run_config)
+        strategy = build_strategy(cfg)
+    except ConfigError as err:
+        log(ERROR, "Invalid configuration: %s", err)
+        raise
+    results = RunResults.create(cfg)
+    log(INFO, "Results directory: %s", results.path)
+    try:
+        strategy.start(grid, results)
+    except HandshakeError as err:
+        log(ERROR, "%s", err)
+        raise
+    finally:
+        summary = results.finish()
+        log(INFO, "Summary: %s", summary)
+        log(INFO, "Results written to %s", results.path)

@@ -1,0 +1,200 @@
+"""The MH-pFedHN hypernetwork: per-client embeddings, shared extractor, chunk heads.
+
+Client ``i`` with ``K_i`` trainable parameters is generated in ``n_i = ceil(K_i/C)``
+chunks of ``C`` values. It owns an embedding matrix ``v_i`` of shape ``(n_i, d)``,
+initialised from ``N(0, s^2)`` (``s = 0.002`` in the paper). Every row goes through
+the shared extractor ``f`` (``hidden_layers`` linear layers of width ``h``, each
+followed by a ReLU) and then through the *position map* of its row in a head::
+
+    theta_i = concat_j ( W[j] f(v_i[j]) + b[j] )[:K_i],   W[j]: (C, h), b[j]: (C,)
+
+A head holds the ``n`` position maps for one chunk count ``n``; clients with the
+same chunk count share it (heads are keyed by chunk count, never by arrival order).
+The ``n`` maps are stored as one ``(n, C, h)`` tensor and applied as one batched
+matrix product, which equals ``n`` separate ``nn.Linear(h, C)`` modules (tested).
+Per-position maps are initialised like ``nn.Linear``: ``U(-1/sqrt(h), 1/sqrt(h))``.
+
+Only the hypernetwork's state lives here; how replies update it is
+:mod:`server_app.hn_update`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.models import num_chunks
+from common.protocol import check_client_name
+
+
+class PositionHeads(nn.Module):
+    """``n`` independent linear maps ``R^h -> R^C``, one per chunk position.
+
+    ``forward(F)[j] = weight[j] @ F[j] + bias[j]`` for ``F`` of shape ``(n, h)``,
+    computed with one ``baddbmm`` instead of a loop over ``n`` modules.
+    """
+
+    def __init__(
+        self,
+        num_positions: int,
+        hidden_dim: int,
+        chunk_size: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(hidden_dim)
+        weight = torch.empty(num_positions, chunk_size, hidden_dim)
+        bias = torch.empty(num_positions, chunk_size)
+        self.weight = nn.Parameter(weight.uniform_(-bound, bound, generator=generator))
+        self.bias = nn.Parameter(bias.uniform_(-bound, bound, generator=generator))
+        self._grad_buffer: torch.Tensor | None = None
+
+    @property
+    def num_positions(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Map ``(n, h)`` features to ``(n, C)`` chunks, row ``j`` through map ``j``."""
+        out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, features.unsqueeze(2))
+        return out.squeeze(2)
+
+    @torch.no_grad()
+    def accumulate_grad(
+        self, grad_out: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Add this head's VJP to ``.grad``; return the gradient w.r.t. features.
+
+        For ``out[j] = W[j] f[j] + b[j]`` and output gradient ``g`` (``(n, C)``)::
+
+            dW[j] = g[j] f[j]^T,   db[j] = g[j],   df[j] = W[j]^T g[j]
+
+        This equals autograd of :meth:`forward` (tested) but writes ``dW`` into a
+        buffer kept between steps: autograd would allocate a fresh ``(n, C, h)``
+        tensor per reply, and on the CPU those page faults cost more than the
+        arithmetic. ``.grad`` is set only while a step uses this head, so Adam
+        still skips heads that no reply touched.
+        """
+        outer = (grad_out.unsqueeze(2), features.unsqueeze(1))
+        if self.weight.grad is None:
+            if (
+                self._grad_buffer is None
+                or self._grad_buffer.device != self.weight.device
+            ):
+                self._grad_buffer = torch.empty_like(self.weight)
+            self.weight.grad = torch.mul(*outer, out=self._grad_buffer)
+            self.bias.grad = grad_out.clone()
+        else:
+            self.weight.grad.addcmul_(*outer)
+            self.bias.grad.add_(grad_out)
+        return torch.bmm(grad_out.unsqueeze(1), self.weight).squeeze(1)
+
+
+class HyperNetwork(nn.Module):
+    """Generates every registered client's flat parameter vector.
+
+    Parameters
+    ----------
+    embed_dim, hidden_dim, hidden_layers, chunk_size : int
+        ``d``, ``h``, number of extractor layers and ``C`` (paper: 64, 128, 3, 3072).
+    embed_init_std : float
+        Standard deviation of the embedding initialisation (paper: 0.002).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 64,
+        hidden_dim: int = 128,
+        hidden_layers: int = 3,
+        chunk_size: int = 3072,
+        embed_init_std: float = 0.002,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.hidden_dim = hidden_dim
+        self.chunk_size = chunk_size
+        self.embed_init_std = embed_init_std
+        layers: list[nn.Module] = []
+        width = embed_dim
+        for _ in range(hidden_layers):
+            layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+            width = hidden_dim
+        self.extractor = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict()
+        self.embeddings = nn.ParameterDict()
+        self.num_params: dict[str, int] = {}
+
+    # -- registry ------------------------------------------------------------------
+    def add_client(
+        self, name: str, num_params: int, generator: torch.Generator | None = None
+    ) -> list[nn.Parameter]:
+        """Register a client; return the parameters this created (for the optimizer).
+
+        A new head is created only when no registered client has the same chunk
+        count. Re-registering a known name with the same size is a no-op; with
+        another size it is an error (the embedding would not fit).
+        """
+        check_client_name(name)
+        if num_params < 1:
+            raise ValueError(f"client {name!r}: num-params must be >= 1")
+        if name in self.num_params:
+            if self.num_params[name] != num_params:
+                raise ValueError(
+                    f"client {name!r} is registered with {self.num_params[name]} "
+                    f"parameters but now reports {num_params}"
+                )
+            return []
+        n = num_chunks(num_params, self.chunk_size)
+        device = self.extractor[0].weight.device
+        created: list[nn.Parameter] = []
+        key = str(n)
+        if key not in self.heads:
+            head = PositionHeads(n, self.hidden_dim, self.chunk_size, generator)
+            head = head.to(device)
+            self.heads[key] = head
+            created += list(head.parameters())
+        emb = torch.empty(n, self.embed_dim)
+        emb.normal_(0.0, self.embed_init_std, generator=generator)
+        self.embeddings[name] = nn.Parameter(emb.to(device))
+        self.num_params[name] = num_params
+        created.append(self.embeddings[name])
+        return created
+
+    def chunks_of(self, name: str) -> int:
+        return self.embeddings[name].shape[0]
+
+    def head_of(self, name: str) -> str:
+        """Key of the head that generates ``name`` (its chunk count, as a string)."""
+        return str(self.chunks_of(name))
+
+    # -- generation ----------------------------------------------------------------
+    def forward(self, name: str) -> torch.Tensor:
+        """``theta`` of client ``name``: a 1-D tensor of length ``K``."""
+        emb = self.embeddings[name]
+        chunks = self.heads[str(emb.shape[0])](self.extractor(emb))
+        return chunks.reshape(-1)[: self.num_params[name]]
+
+    def accumulate_vjp(self, name: str, delta: torch.Tensor) -> None:
+        """Add ``(d theta_name / d phi)^T delta`` to the ``.grad`` of the parameters.
+
+        Equivalent to ``self(name).backward(delta)``: the head's part is computed
+        by :meth:`PositionHeads.accumulate_grad`, the extractor's and embedding's
+        by autograd from the head's feature gradient. Positions past ``K`` (the
+        truncated tail of the last chunk) get a zero output gradient.
+        """
+        emb = self.embeddings[name]
+        n = emb.shape[0]
+        grad_out = torch.zeros(n * self.chunk_size, device=delta.device)
+        grad_out[: delta.shape[0]] = delta
+        features = self.extractor(emb)
+        head = self.heads[str(n)]
+        grad_features = head.accumulate_grad(
+            grad_out.view(n, self.chunk_size), features.detach()
+        )
+        features.backward(grad_features)
+
+    @torch.no_grad()
+    def generate(self, name: str) -> torch.Tensor:
+        """``theta`` without autograd, as float32 on the CPU (ready to send)."""
+        return self(name).detach().to("cpu", torch.float32)

@@ -1,0 +1,139 @@
+"""The handshake and the client registry, keyed by client name.
+
+Before round 1 the server sends a QUERY to every connected node; each reply
+carries the client's stable name, its trainable parameter count ``K_i`` and its
+example counts. Node ids are only addresses (they change when a SuperNode
+restarts), so every piece of server state is keyed by name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from logging import INFO
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import protocol as P
+
+
+class HandshakeError(RuntimeError):
+    """The federation could not be formed; the message says which client and why."""
+
+
+@dataclass
+class ClientInfo:
+    """What the server knows about one client (never its architecture)."""
+
+    name: str
+    node_id: int
+    num_params: int
+    num_train: int
+    num_test: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class ClientRegistry:
+    """Clients by name, with the node id each one currently answers from."""
+
+    def __init__(self, clients: Iterable[ClientInfo] = ()) -> None:
+        self._by_name: dict[str, ClientInfo] = {}
+        for info in clients:
+            self.add(info)
+
+    def add(self, info: ClientInfo) -> None:
+        if info.name in self._by_name:
+            other = self._by_name[info.name]
+            raise HandshakeError(
+                f"two nodes ({other.node_id} and {info.node_id}) claim the client "
+                f"name '{info.name}'; every SuperNode needs its own client-name"
+            )
+        self._by_name[info.name] = info
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __iter__(self):
+        return iter(self._by_name.values())
+
+    def __getitem__(self, name: str) -> ClientInfo:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        """Client names in a stable order (sorted)."""
+        return sorted(self._by_name)
+
+    def name_of(self, node_id: int) -> str | None:
+        for info in self._by_name.values():
+            if info.node_id == node_id:
+                return info.name
+        return None
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
+    """Node ids once at least ``min_nodes`` are connected (or fail after timeout)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        if time.monotonic() > deadline:
+            raise HandshakeError(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s; "
+                f"run-config min-clients = {min_nodes}"
+            )
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(nodes), min_nodes)
+        time.sleep(1.0)
+    return nodes
+
+
+def _reply_error(reply: Message) -> str:
+    reason = reply.error.reason or f"error code {reply.error.code}"
+    # Flower puts the whole traceback in the reason; its last line says what broke.
+    lines = [line for line in reason.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else reason
+
+
+def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry:
+    """Query every node; build the registry or raise with every client's error."""
+    messages = [
+        Message(
+            RecordDict({P.CONFIG: ConfigRecord()}),
+            dst_node_id=node_id,
+            message_type=MessageType.QUERY,
+        )
+        for node_id in node_ids
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    errors, clients = [], []
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        if reply.has_error():
+            errors.append(f"node {node_id}: {_reply_error(reply)}")
+            continue
+        content = reply.content
+        try:
+            metrics = content[P.METRICS]
+            info = ClientInfo(
+                name=P.check_client_name(str(content[P.INFO][P.CLIENT_NAME])),
+                node_id=node_id,
+                num_params=int(metrics[P.NUM_PARAMS]),
+                num_train=int(metrics[P.NUM_TRAIN]),
+                num_test=int(metrics[P.NUM_TEST]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            errors.append(f"node {node_id}: malformed handshake reply ({err})")
+            continue
+        clients.append(info)
+    missing = len(node_ids) - len(replies)
+    if missing:
+        errors.append(f"{missing} node(s) did not answer within {timeout:.0f} s")
+    if errors:
+        raise HandshakeError("handshake failed: " + "; ".join(errors))
+    return ClientRegistry(sorted(clients, key=lambda c: c.name))

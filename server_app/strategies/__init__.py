@@ -1,0 +1,44 @@
+"""Server strategies, one module per algorithm, registered by name.
+
+``strategy = "<name>"`` in the run config selects one; a new algorithm is a new
+module here whose class is decorated with :func:`register_strategy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from common.config import ConfigError, RunConfig
+
+STRATEGIES: dict[str, type] = {}
+
+
+def register_strategy(name: str) -> Callable[[type], type]:
+    """Class decorator: make a strategy selectable as ``strategy = name``."""
+
+    def decorator(cls: type) -> type:
+        if name in STRATEGIES:
+            raise ValueError(f"strategy '{name}' is registered twice")
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_strategies() -> list[str]:
+    return sorted(STRATEGIES)
+
+
+def build_strategy(cfg: RunConfig):
+    """The strategy named by ``cfg.strategy``, or a ConfigError listing the names."""
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"run-config key 'strategy' = {cfg.strategy!r} is not allowed: unknown "
+            f"strategy; allowed: {', '.join(available_strategies())}"
+        )
+    return STRATEGIES[cfg.strategy](cfg)
+
+
+# Import the modules so that they register themselves.
+from . import mh_pfedhn  # noqa: E402, F401

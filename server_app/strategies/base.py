@@ -1,0 +1,308 @@
+"""The round loop every strategy of this app shares.
+
+:class:`HeteroStrategy` is a Flower :class:`~flwr.serverapp.strategy.Strategy`
+whose state lives in the strategy itself (a hypernetwork, prototypes, ...), not in
+one global ``ArrayRecord``: the ``arrays`` argument of the Flower hooks is unused.
+It adds what a personalised, model-heterogeneous run needs around the four hooks:
+
+1. the handshake (:mod:`server_app.registry`) before round 1;
+2. per-client train messages (each client gets its own payload) for a seeded
+   sample of ``fraction-train`` of the clients;
+3. evaluation of every client on its local test split every ``eval-every`` rounds
+   and after the last round, written to the run's results directory.
+
+A strategy implements :meth:`setup`, :meth:`train_payload` and
+:meth:`apply_train_replies`, and may override :meth:`eval_payload`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any, ClassVar
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from common import protocol as P
+from common.config import RunConfig
+
+from ..registry import ClientInfo, ClientRegistry, handshake, wait_for_nodes
+from ..results import RunResults
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of array data in a message (what dominates its size on the wire)."""
+    return sum(
+        len(array.data)
+        for record in content.array_records.values()
+        for array in record.values()
+    )
+
+
+class HeteroStrategy(Strategy):
+    """Base of every strategy: handshake, sampling, per-client messages, results.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The validated run configuration.
+    """
+
+    #: Name under which the strategy is registered (``strategy = "<name>"``).
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.clients = ClientRegistry()
+        self.server_seconds = 0.0
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.last_train_metrics: dict[str, float] = {}
+
+    # -- what a strategy implements ----------------------------------------------
+    @abstractmethod
+    def setup(self, clients: ClientRegistry) -> None:
+        """Build the server state for the registered clients (before round 1)."""
+
+    @abstractmethod
+    def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
+        """Records sent to ``client`` for training (``config`` is added here)."""
+
+    @abstractmethod
+    def apply_train_replies(
+        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
+    ) -> None:
+        """Update the server state from the successful train replies."""
+
+    def eval_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
+        """Records sent to ``client`` for evaluation (default: same as training)."""
+        return self.train_payload(client, server_round)
+
+    def client_details(self, client: ClientInfo) -> dict[str, Any]:
+        """Extra per-client fields for ``clients.json`` (e.g. chunks and head)."""
+        return {}
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        log(INFO, "Strategy %s with %d clients", self.name, len(self.clients))
+
+    # -- Flower's Strategy hooks -------------------------------------------------
+    def _messages(
+        self, names: list[str], server_round: int, message_type: str
+    ) -> list[Message]:
+        start = time.perf_counter()
+        messages = []
+        for name in names:
+            client = self.clients[name]
+            if message_type == MessageType.TRAIN:
+                content = self.train_payload(client, server_round)
+            else:
+                content = self.eval_payload(client, server_round)
+            config = content.config_records.get(P.CONFIG, ConfigRecord())
+            config[P.ROUND] = server_round
+            content[P.CONFIG] = config
+            self.bytes_down += payload_bytes(content)
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=client.node_id,
+                    message_type=message_type,
+                    group_id=str(server_round),
+                )
+            )
+        self.server_seconds += time.perf_counter() - start
+        return messages
+
+    def sample_train_clients(self) -> list[str]:
+        """A seeded sample of ``fraction-train`` of the clients (at least one)."""
+        names = self.clients.names
+        k = max(1, round(self.cfg.fraction_train * len(names)))
+        if k >= len(names):
+            return names
+        return sorted(self.rng.choice(names, size=k, replace=False).tolist())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled client, each with its own payload."""
+        return self._messages(
+            self.sample_train_clients(), server_round, MessageType.TRAIN
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per registered client."""
+        return self._messages(self.clients.names, server_round, MessageType.EVALUATE)
+
+    def _valid_replies(
+        self, server_round: int, replies: Iterable[Message], kind: str
+    ) -> list[tuple[ClientInfo, RecordDict]]:
+        """Keep replies without error from known clients; log the others."""
+        valid = []
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            name = self.clients.name_of(node_id)
+            if name is None:
+                log(
+                    WARNING,
+                    "round %d: %s reply from unknown node %s ignored",
+                    server_round,
+                    kind,
+                    node_id,
+                )
+                continue
+            if reply.has_error():
+                log(
+                    WARNING,
+                    "round %d: %s failed on %s: %s",
+                    server_round,
+                    kind,
+                    name,
+                    (reply.error.reason or "").strip().splitlines()[-1:],
+                )
+                continue
+            self.bytes_up += payload_bytes(reply.content)
+            valid.append((self.clients[name], reply.content))
+        return valid
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the replies to the strategy's state; return mean train metrics."""
+        valid = self._valid_replies(server_round, replies, "train")
+        start = time.perf_counter()
+        if valid:
+            self.apply_train_replies(server_round, valid)
+        self.server_seconds += time.perf_counter() - start
+        examples = sum(int(c[P.METRICS][P.NUM_EXAMPLES]) for _, c in valid)
+        loss = (
+            sum(
+                float(c[P.METRICS][P.LOSS]) * int(c[P.METRICS][P.NUM_EXAMPLES])
+                for _, c in valid
+            )
+            / examples
+            if examples
+            else float("nan")
+        )
+        self.last_train_metrics = {
+            "train_loss": loss,
+            "train_clients": len(valid),
+            "client_train_seconds": max(
+                (float(c[P.METRICS][P.SECONDS]) for _, c in valid), default=0.0
+            ),
+        }
+        return None, MetricRecord({"train-loss": loss, "num-clients": len(valid)})
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Total correct / total examples over clients, and per-client accuracy."""
+        valid = self._valid_replies(server_round, replies, "evaluate")
+        if not valid:
+            return None
+        per_client, correct, total, loss_sum = {}, 0, 0, 0.0
+        for client, content in valid:
+            m = content[P.METRICS]
+            n, c = int(m[P.NUM_EXAMPLES]), int(m[P.CORRECT])
+            per_client[client.name] = c / n if n else 0.0
+            correct, total, loss_sum = correct + c, total + n, loss_sum + m[P.LOSS] * n
+        self.last_eval = {
+            "accuracy": correct / total if total else 0.0,
+            "accuracy_mean": float(np.mean(list(per_client.values()))),
+            "loss": loss_sum / total if total else float("nan"),
+            "client_accuracy": dict(sorted(per_client.items())),
+            "eval_clients": len(valid),
+        }
+        return MetricRecord(
+            {"accuracy": self.last_eval["accuracy"], "loss": self.last_eval["loss"]}
+        )
+
+    # -- the loop -------------------------------------------------------------------
+    def start(  # type: ignore[override]
+        self, grid: Grid, results: RunResults
+    ) -> Result:
+        """Handshake, then ``num-server-rounds`` rounds of train (+ evaluate)."""
+        cfg = self.cfg
+        nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
+        self.clients = handshake(grid, nodes, cfg.round_timeout)
+        start = time.perf_counter()
+        self.setup(self.clients)
+        self.server_seconds += time.perf_counter() - start
+        results.write_clients(
+            [c.to_json() | self.client_details(c) for c in self.clients]
+        )
+        self.summary()
+        result = Result()
+        rounds = cfg.num_server_rounds
+        for rnd in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            self.server_seconds = 0.0
+            self.bytes_down = self.bytes_up = 0
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
+                timeout=cfg.round_timeout,
+            )
+            _, train_metrics = self.aggregate_train(rnd, replies)
+            train_seconds = time.perf_counter() - t0
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            if rnd % cfg.eval_every and rnd != rounds:
+                log(
+                    INFO,
+                    "round %d/%d | train loss %.4f | %.2f s",
+                    rnd,
+                    rounds,
+                    self.last_train_metrics["train_loss"],
+                    time.perf_counter() - t0,
+                )
+                continue
+            replies = grid.send_and_receive(
+                self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
+                timeout=cfg.round_timeout,
+            )
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is None:
+                log(WARNING, "round %d: no evaluation replies", rnd)
+                continue
+            result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            record = {
+                "round": rnd,
+                **self.last_eval,
+                **self.last_train_metrics,
+                "round_seconds": time.perf_counter() - t0,
+                "train_seconds": train_seconds,
+                "server_seconds": self.server_seconds,
+                "bytes_down": self.bytes_down,
+                "bytes_up": self.bytes_up,
+            }
+            results.append(record)
+            log(
+                INFO,
+                "round %d/%d | acc %.4f (client mean %.4f) | loss %.4f | %.2f s "
+                "(server %.2f s) | down %.1f MB up %.1f MB",
+                rnd,
+                rounds,
+                record["accuracy"],
+                record["accuracy_mean"],
+                record["loss"],
+                record["round_seconds"],
+                record["server_seconds"],
+                record["bytes_down"] / 1e6,
+                record["bytes_up"] / 1e6,
+            )
+        return result

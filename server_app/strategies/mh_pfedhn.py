@@ -1,0 +1,180 @@
+"""MH-pFedHN: a server-side hypernetwork generates every client's own model.
+
+Paper: Zhang et al., "Hypernetworks for Model-Heterogeneous Personalized Federated
+Learning" (arXiv 2507.22330); see ``shared/PAPER.md``.
+
+Per round, for every sampled client ``i``: the server sends
+``theta_i = h(v_i; phi)``; the client trains it and answers
+``delta_i = theta_i - theta_i_trained``. The hypernetwork gradient of one reply is
+the vector-Jacobian product
+
+    g_i = (d theta_i / d phi)^T delta_i = grad_phi <h(v_i; phi), delta_i>,
+
+computed by one backward pass with ``delta_i`` as the output gradient. The
+gradient is clipped to norm ``hn-grad-clip`` (50) and Adam (``hn-lr`` 2e-4) takes
+a step over extractor, heads and embeddings together. Parameters that a step does
+not touch (other clients' embeddings, heads of other chunk counts) have no
+gradient and are skipped by Adam, exactly as in the reference code.
+
+``hn-update`` chooses how replies that were trained in parallel from the same
+hypernetwork state are applied:
+
+``sequential`` (default)
+    One Adam step per reply, in a seeded random order; each step regenerates
+    ``theta_i`` from the current hypernetwork, as the reference implementation
+    does when it visits the clients one after another.
+``mean``
+    One Adam step on ``sum_i w_i g_i`` with ``w_i = n_i / sum_j n_j`` (``n_i``
+    the client's training examples).
+
+Wire: ``theta`` down (float32, ``K_i`` values), ``delta`` up (same size). The
+server never learns the clients' architectures, only ``K_i``.
+"""
+
+from __future__ import annotations
+
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.common.logger import log
+
+from common import protocol as P
+from common.config import RunConfig
+
+from ..hypernet import HyperNetwork
+from ..registry import ClientInfo, ClientRegistry
+from . import register_strategy
+from .base import HeteroStrategy
+
+
+def server_device(choice: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+@register_strategy("mh-pfedhn")
+class MHPFedHN(HeteroStrategy):
+    """The hypernetwork strategy; see the module docstring for the math."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.device = server_device(cfg.device)
+        self.torch_gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.hn = HyperNetwork(
+            embed_dim=cfg.embed_dim,
+            hidden_dim=cfg.hidden_dim,
+            hidden_layers=cfg.hidden_layers,
+            chunk_size=cfg.chunk_size,
+            embed_init_std=cfg.embed_init_std,
+        ).to(self.device)
+        self.optimizer: torch.optim.Optimizer | None = None
+        # theta_i of the current hypernetwork state: evaluation after round r and
+        # training in round r+1 send the same vectors; any update clears it.
+        self._theta_cache: dict[str, np.ndarray] = {}
+
+    # -- state ------------------------------------------------------------------------
+    def register(self, name: str, num_params: int) -> None:
+        """Add a client (and a head for a new chunk count) to the hypernetwork."""
+        created = self.hn.add_client(name, num_params, generator=self.torch_gen)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.Adam(
+                self.hn.parameters(), lr=self.cfg.hn_lr, fused=True
+            )
+        elif created:
+            self.optimizer.add_param_group({"params": created})
+
+    def setup(self, clients: ClientRegistry) -> None:
+        for name in clients.names:
+            self.register(name, clients[name].num_params)
+        log(
+            INFO,
+            "Hypernetwork: %d clients, %d heads (chunk counts %s), %.1f M parameters",
+            len(clients),
+            len(self.hn.heads),
+            ", ".join(sorted(self.hn.heads, key=int)),
+            sum(p.numel() for p in self.hn.parameters()) / 1e6,
+        )
+
+    def client_details(self, client: ClientInfo) -> dict[str, Any]:
+        return {
+            "chunks": self.hn.chunks_of(client.name),
+            "head": self.hn.head_of(client.name),
+        }
+
+    # -- messages ---------------------------------------------------------------------
+    def theta(self, name: str) -> np.ndarray:
+        """``theta`` of ``name`` under the current hypernetwork (float32, CPU)."""
+        if name not in self._theta_cache:
+            self._theta_cache[name] = self.hn.generate(name).numpy()
+        return self._theta_cache[name]
+
+    def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
+        theta = self.theta(client.name)
+        return RecordDict({P.ARRAYS: ArrayRecord({P.THETA: Array(theta)})})
+
+    # -- update -----------------------------------------------------------------------
+    def hn_step(self, items: list[tuple[str, torch.Tensor, float]]) -> float:
+        """One Adam step on ``sum_k w_k (d theta_k/d phi)^T delta_k``.
+
+        ``items`` holds ``(client name, delta, weight)``. Returns the gradient norm
+        before clipping.
+        """
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, delta, weight in items:
+            self.hn.accumulate_vjp(name, delta.to(self.device) * weight)
+        params = [p for p in self.hn.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.hn_grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._theta_cache.clear()
+        return float(norm)
+
+    def _delta(self, client: ClientInfo, content: RecordDict) -> torch.Tensor | None:
+        """The reply's delta as a float32 tensor, or ``None`` if it cannot be used."""
+        try:
+            delta = content[P.ARRAYS][P.DELTA].numpy()
+        except (KeyError, TypeError, ValueError) as err:
+            log(WARNING, "client %s: reply has no usable delta (%s)", client.name, err)
+            return None
+        expected = self.hn.num_params[client.name]
+        if delta.shape != (expected,) or not np.issubdtype(delta.dtype, np.floating):
+            log(
+                WARNING,
+                "client %s: delta of shape %s and dtype %s rejected; expected (%d,) "
+                "floating",
+                client.name,
+                delta.shape,
+                delta.dtype,
+                expected,
+            )
+            return None
+        if not np.isfinite(delta).all():
+            log(WARNING, "client %s: delta holds NaN or Inf; rejected", client.name)
+            return None
+        return torch.from_numpy(delta.astype(np.float32, copy=False))
+
+    def apply_train_replies(
+        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
+    ) -> None:
+        usable = []
+        for client, content in replies:
+            delta = self._delta(client, content)
+            if delta is not None:
+                n = int(content[P.METRICS][P.NUM_EXAMPLES])
+                usable.append((client.name, delta, n))
+        if not usable:
+            return
+        if self.cfg.hn_update == "sequential":
+            for k in self.rng.permutation(len(usable)):
+                name, delta, _ = usable[k]
+                self.hn_step([(name, delta, 1.0)])
+        else:
+            total = sum(n for _, _, n in usable)
+            self.hn_step([(name, delta, n / total) for name, delta, n in usable])
