@@ -8,7 +8,7 @@ error reply, which the server reports with the client's name.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
@@ -45,10 +45,19 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Local training on the model the server sent; reply with the update."""
+    """Local training on the model the server sent; reply with the update.
+
+    With ``evaluate-first`` in the config the received model is evaluated before
+    training (the previous round's evaluation, carried by this message).
+    """
     client = _client(context)
     trainer = build_trainer(client.cfg.strategy, client)
+    evaluation = None
+    if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
+        evaluation = MetricRecord(trainer.evaluate_metrics(message.content))
     content: RecordDict = trainer.train(message.content, _round(message))
+    if evaluation is not None:
+        content[P.EVAL_METRICS] = evaluation
     client.save_buffers(context)
     return Message(content=content, reply_to=message)
 

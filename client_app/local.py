@@ -149,7 +149,10 @@ class LocalClient:
         """Load BatchNorm running statistics saved by an earlier message."""
         if BUFFERS_KEY in context.state:
             record = context.state[BUFFERS_KEY]
-            load_buffer_state_(self.model, {k: v.numpy() for k, v in record.items()})
+            shapes = {k: tuple(b.shape) for k, b in self.model.named_buffers()}
+            # Records store scalars (num_batches_tracked) as 1-element arrays.
+            state = {k: v.numpy().reshape(shapes.get(k, -1)) for k, v in record.items()}
+            load_buffer_state_(self.model, state)
 
     def save_buffers(self, context: Context) -> None:
         """Keep BatchNorm running statistics for the next message."""

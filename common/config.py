@@ -69,6 +69,7 @@ class RunConfig(BaseModel):
     hn_lr: float = Field(2e-4, gt=0.0)
     hn_grad_clip: float = Field(50.0, gt=0.0)
     hn_update: Literal["sequential", "mean"] = "sequential"
+    hn_window: int = Field(2, ge=0)
     embed_dim: int = Field(64, ge=1)
     embed_init_std: float = Field(0.002, gt=0.0)
     hidden_dim: int = Field(128, ge=1)

@@ -10,10 +10,12 @@ Pathological (:func:`pathological`)
     clients ``H_c`` holding it in proportion to their weights: client ``i`` in ``H_c``
     gets a contiguous run of length ``~ n_c * w_ic / sum_{j in H_c} w_jc`` (cut points
     ``floor(n_c * cumsum(w) / sum(w))``), so every sample of every held class is
-    assigned. The one choice beyond PAPER.md is how classes are drawn: clients draw in
-    turn, each taking its ``k`` classes at random among the classes currently held by
-    the fewest clients (ties broken at random). So every class is held as soon as
-    ``num_clients * k >= num_classes``, and class holder counts differ by at most one.
+    assigned. Classes are drawn exactly as the authors' reference code draws them:
+    with ``np.random.RandomState(seed)``, each client in turn takes ``k`` distinct
+    classes uniformly at random (``choice(C, k, replace=False)``), then each client
+    draws its weights in the same order. So some classes may be held by several
+    clients and some by none (their samples stay unused), and for the same seed the
+    class sets equal the reference's (e.g. seed 42, 10 clients on CIFAR-10).
 
 Dirichlet (:func:`dirichlet`)
     For each class ``c``: proportions ``p_c ~ Dir(alpha * 1_num_clients)``, cut points
@@ -81,8 +83,7 @@ def pathological(
 ) -> list[np.ndarray]:
     """Pathological non-IID partition (see the module docstring for the procedure).
 
-    Only samples of classes nobody holds (possible when ``num_clients * k`` is below
-    the class count) stay unassigned. Raises ``ValueError`` unless
+    Samples of classes nobody holds stay unassigned. Raises ``ValueError`` unless
     ``1 <= classes_per_client <= number of classes present in labels``.
     """
     labels = _as_labels(labels)
@@ -94,18 +95,15 @@ def pathological(
             f"classes_per_client must be between 1 and the number of classes "
             f"({len(classes)}), got {k}"
         )
-    rng = np.random.default_rng(seed)
-    holders = np.zeros(
-        len(classes), dtype=np.int64
-    )  # clients holding each class so far
-    client_classes, client_weights = [], []
-    for _ in range(num_clients):
-        # A random permutation then a stable sort by holder count = uniform among ties.
-        perm = rng.permutation(len(classes))
-        chosen = np.sort(perm[np.argsort(holders[perm], kind="stable")][:k])
-        holders[chosen] += 1
-        client_classes.append(chosen)
-        client_weights.append(rng.uniform(WEIGHT_LOW, WEIGHT_HIGH, size=k))
+    # The legacy generator and call order of the reference code (see docstring).
+    rng = np.random.RandomState(seed)
+    client_classes = [
+        rng.choice(len(classes), size=k, replace=False) for _ in range(num_clients)
+    ]
+    client_weights = [
+        np.array([rng.uniform(WEIGHT_LOW, WEIGHT_HIGH) for _ in range(k)])
+        for _ in range(num_clients)
+    ]
 
     chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for c in range(len(classes)):
@@ -113,7 +111,7 @@ def pathological(
         if not owners:
             continue
         weights = np.array(
-            [client_weights[i][np.searchsorted(client_classes[i], c)] for i in owners]
+            [client_weights[i][list(client_classes[i]).index(c)] for i in owners]
         )
         samples = rng.permutation(np.flatnonzero(labels == classes[c]))
         cuts = _cut_points(weights / weights.sum(), len(samples))

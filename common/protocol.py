@@ -10,7 +10,8 @@ Train
     ``config`` with :data:`ROUND` plus the local hyperparameters.
     client -> server: ``arrays`` with :data:`DELTA` (``theta_sent - theta_trained``),
     ``info`` with the client name, ``metrics`` with :data:`NUM_EXAMPLES`,
-    :data:`LOSS` and :data:`SECONDS`.
+    :data:`LOSS` and :data:`SECONDS`; when the config sets :data:`EVALUATE_FIRST`,
+    also ``eval-metrics``: the evaluation below of the received model.
 Evaluate
     server -> client: ``arrays`` with :data:`THETA`, ``config`` with :data:`ROUND`.
     client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
@@ -32,6 +33,10 @@ DELTA = "delta"
 # Info / config
 CLIENT_NAME = "client-name"
 ROUND = "round"
+#: Train config flag: evaluate the received model before training it and put the
+#: result in the reply's :data:`EVAL_METRICS` record (saves an exchange per round).
+EVALUATE_FIRST = "evaluate-first"
+EVAL_METRICS = "eval-metrics"
 
 # Metrics
 NUM_PARAMS = "num-params"

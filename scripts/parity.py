@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flower_harness import SimulationSuperLink  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.flower_harness import SimulationSuperLink  # noqa: E402
 
 
 def main() -> None:

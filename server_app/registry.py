@@ -19,6 +19,8 @@ from flwr.serverapp import Grid
 
 from common import protocol as P
 
+from .exchange import error_text, exchange
+
 
 class HandshakeError(RuntimeError):
     """The federation could not be formed; the message says which client and why."""
@@ -93,13 +95,6 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
     return nodes
 
 
-def _reply_error(reply: Message) -> str:
-    reason = reply.error.reason or f"error code {reply.error.code}"
-    # Flower puts the whole traceback in the reason; its last line says what broke.
-    lines = [line for line in reason.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else reason
-
-
 def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry:
     """Query every node; build the registry or raise with every client's error."""
     messages = [
@@ -110,12 +105,12 @@ def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry
         )
         for node_id in node_ids
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = exchange(grid, messages, timeout)
     errors, clients = [], []
     for reply in replies:
         node_id = reply.metadata.src_node_id
         if reply.has_error():
-            errors.append(f"node {node_id}: {_reply_error(reply)}")
+            errors.append(f"node {node_id}: {error_text(reply)}")
             continue
         content = reply.content
         try:

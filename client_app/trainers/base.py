@@ -29,13 +29,17 @@ class ClientTrainer(ABC):
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
         """Train on the local split and return the reply content."""
 
-    def evaluate(self, content: RecordDict, server_round: int) -> RecordDict:
-        """Accuracy of the model the server sent, on the local test split."""
+    def evaluate_metrics(self, content: RecordDict) -> dict[str, float | int]:
+        """Loss and accuracy counts of the model the server sent, on the test split."""
         theta = content[P.ARRAYS][P.THETA].numpy()
         load_flat_(self.client.model, theta)
         x, y = self.client.test_tensors()
         loss, correct, n = evaluate_local(self.client.model, x, y)
-        return self.reply({P.NUM_EXAMPLES: n, P.CORRECT: correct, P.LOSS: loss})
+        return {P.NUM_EXAMPLES: n, P.CORRECT: correct, P.LOSS: loss}
+
+    def evaluate(self, content: RecordDict, server_round: int) -> RecordDict:
+        """Reply to an EVALUATE message."""
+        return self.reply(self.evaluate_metrics(content))
 
     def reply(self, metrics: dict[str, float | int], **records) -> RecordDict:
         """Reply content carrying the client's name, its metrics and any records."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from common import protocol as P
 from common.config import RunConfig
 
+from ..exchange import error_text, exchange
 from ..registry import ClientInfo, ClientRegistry, handshake, wait_for_nodes
 from ..results import RunResults
 
@@ -72,6 +73,9 @@ class HeteroStrategy(Strategy):
         self.bytes_down = 0
         self.bytes_up = 0
         self.last_train_metrics: dict[str, float] = {}
+        self.last_eval: dict[str, Any] | None = None
+        self.carried_eval: dict[str, Any] | None = None
+        self.evaluate_first = False
 
     # -- what a strategy implements ----------------------------------------------
     @abstractmethod
@@ -101,12 +105,12 @@ class HeteroStrategy(Strategy):
         log(INFO, "Strategy %s with %d clients", self.name, len(self.clients))
 
     # -- Flower's Strategy hooks -------------------------------------------------
-    def _messages(
+    def messages_for(
         self, names: list[str], server_round: int, message_type: str
-    ) -> list[Message]:
-        start = time.perf_counter()
-        messages = []
+    ) -> Iterator[Message]:
+        """Build one message per client, lazily, so each is sent as soon as built."""
         for name in names:
+            start = time.perf_counter()
             client = self.clients[name]
             if message_type == MessageType.TRAIN:
                 content = self.train_payload(client, server_round)
@@ -114,18 +118,17 @@ class HeteroStrategy(Strategy):
                 content = self.eval_payload(client, server_round)
             config = content.config_records.get(P.CONFIG, ConfigRecord())
             config[P.ROUND] = server_round
+            if message_type == MessageType.TRAIN and self.evaluate_first:
+                config[P.EVALUATE_FIRST] = True
             content[P.CONFIG] = config
             self.bytes_down += payload_bytes(content)
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=client.node_id,
-                    message_type=message_type,
-                    group_id=str(server_round),
-                )
+            self.server_seconds += time.perf_counter() - start
+            yield Message(
+                content,
+                dst_node_id=client.node_id,
+                message_type=message_type,
+                group_id=str(server_round),
             )
-        self.server_seconds += time.perf_counter() - start
-        return messages
 
     def sample_train_clients(self) -> list[str]:
         """A seeded sample of ``fraction-train`` of the clients (at least one)."""
@@ -139,7 +142,7 @@ class HeteroStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled client, each with its own payload."""
-        return self._messages(
+        return self.messages_for(
             self.sample_train_clients(), server_round, MessageType.TRAIN
         )
 
@@ -147,12 +150,12 @@ class HeteroStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per registered client."""
-        return self._messages(self.clients.names, server_round, MessageType.EVALUATE)
+        return self.messages_for(self.clients.names, server_round, MessageType.EVALUATE)
 
     def _valid_replies(
         self, server_round: int, replies: Iterable[Message], kind: str
     ) -> list[tuple[ClientInfo, RecordDict]]:
-        """Keep replies without error from known clients; log the others."""
+        """Keep replies without error from known clients (sorted by name)."""
         valid = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
@@ -173,12 +176,13 @@ class HeteroStrategy(Strategy):
                     server_round,
                     kind,
                     name,
-                    (reply.error.reason or "").strip().splitlines()[-1:],
+                    error_text(reply),
                 )
                 continue
             self.bytes_up += payload_bytes(reply.content)
             valid.append((self.clients[name], reply.content))
-        return valid
+        # Replies arrive in any order; results must not depend on it.
+        return sorted(valid, key=lambda pair: pair[0].name)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -189,16 +193,19 @@ class HeteroStrategy(Strategy):
         if valid:
             self.apply_train_replies(server_round, valid)
         self.server_seconds += time.perf_counter() - start
-        examples = sum(int(c[P.METRICS][P.NUM_EXAMPLES]) for _, c in valid)
-        loss = (
-            sum(
-                float(c[P.METRICS][P.LOSS]) * int(c[P.METRICS][P.NUM_EXAMPLES])
-                for _, c in valid
-            )
-            / examples
-            if examples
-            else float("nan")
-        )
+        return None, self.summarise_train(valid)
+
+    def summarise_train(
+        self, valid: list[tuple[ClientInfo, RecordDict]]
+    ) -> MetricRecord:
+        """Example-weighted train loss; keeps :attr:`last_train_metrics`.
+
+        Replies to train messages that asked the client to evaluate first also
+        carry that evaluation; it is kept in :attr:`carried_eval`.
+        """
+        weights = [int(c[P.METRICS][P.NUM_EXAMPLES]) for _, c in valid]
+        losses = [float(c[P.METRICS][P.LOSS]) for _, c in valid]
+        loss = float(np.average(losses, weights=weights)) if sum(weights) else np.nan
         self.last_train_metrics = {
             "train_loss": loss,
             "train_clients": len(valid),
@@ -206,33 +213,49 @@ class HeteroStrategy(Strategy):
                 (float(c[P.METRICS][P.SECONDS]) for _, c in valid), default=0.0
             ),
         }
-        return None, MetricRecord({"train-loss": loss, "num-clients": len(valid)})
+        carried = [(c, r[P.EVAL_METRICS]) for c, r in valid if P.EVAL_METRICS in r]
+        self.carried_eval = summarise_evaluation(carried)
+        return MetricRecord({"train-loss": loss, "num-clients": len(valid)})
+
+    def train_phase(self, grid: Grid, server_round: int) -> MetricRecord | None:
+        """Send the round's train messages, collect and apply the replies.
+
+        The default sends every sampled client its message at once (Flower's
+        ``configure_train`` / ``aggregate_train``); a strategy that must order
+        its updates (MH-pFedHN's windowed sequential update) overrides this.
+        """
+        replies = exchange(
+            grid,
+            self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid),
+            self.cfg.round_timeout,
+        )
+        return self.aggregate_train(server_round, replies)[1]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Total correct / total examples over clients, and per-client accuracy."""
         valid = self._valid_replies(server_round, replies, "evaluate")
-        if not valid:
+        self.last_eval = summarise_evaluation([(c, r[P.METRICS]) for c, r in valid])
+        if self.last_eval is None:
             return None
-        per_client, correct, total, loss_sum = {}, 0, 0, 0.0
-        for client, content in valid:
-            m = content[P.METRICS]
-            n, c = int(m[P.NUM_EXAMPLES]), int(m[P.CORRECT])
-            per_client[client.name] = c / n if n else 0.0
-            correct, total, loss_sum = correct + c, total + n, loss_sum + m[P.LOSS] * n
-        self.last_eval = {
-            "accuracy": correct / total if total else 0.0,
-            "accuracy_mean": float(np.mean(list(per_client.values()))),
-            "loss": loss_sum / total if total else float("nan"),
-            "client_accuracy": dict(sorted(per_client.items())),
-            "eval_clients": len(valid),
-        }
         return MetricRecord(
             {"accuracy": self.last_eval["accuracy"], "loss": self.last_eval["loss"]}
         )
 
     # -- the loop -------------------------------------------------------------------
+    def carries_evaluation(self, server_round: int) -> bool:
+        """Whether round ``server_round``'s evaluation rides on the next round.
+
+        When every client trains in the next round, the model it receives there
+        is exactly the model the evaluation would send (nothing changes the
+        server state in between), so the client evaluates it before training
+        and one message exchange per round is saved. The numbers are the same.
+        """
+        return (
+            server_round < self.cfg.num_server_rounds and self.cfg.fraction_train >= 1.0
+        )
+
     def start(  # type: ignore[override]
         self, grid: Grid, results: RunResults
     ) -> Result:
@@ -249,60 +272,96 @@ class HeteroStrategy(Strategy):
         self.summary()
         result = Result()
         rounds = cfg.num_server_rounds
+        waiting: dict[str, Any] | None = None  # a round awaiting its evaluation
         for rnd in range(1, rounds + 1):
             t0 = time.perf_counter()
             self.server_seconds = 0.0
             self.bytes_down = self.bytes_up = 0
-            replies = grid.send_and_receive(
-                self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
-                timeout=cfg.round_timeout,
-            )
-            _, train_metrics = self.aggregate_train(rnd, replies)
-            train_seconds = time.perf_counter() - t0
+            self.evaluate_first = waiting is not None
+            train_metrics = self.train_phase(grid, rnd)
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
-            if rnd % cfg.eval_every and rnd != rounds:
-                log(
-                    INFO,
-                    "round %d/%d | train loss %.4f | %.2f s",
-                    rnd,
-                    rounds,
-                    self.last_train_metrics["train_loss"],
-                    time.perf_counter() - t0,
-                )
-                continue
-            replies = grid.send_and_receive(
-                self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
-                timeout=cfg.round_timeout,
-            )
-            eval_metrics = self.aggregate_evaluate(rnd, replies)
-            if eval_metrics is None:
-                log(WARNING, "round %d: no evaluation replies", rnd)
-                continue
-            result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if waiting is not None:
+                self._finish_round(results, result, waiting, self.carried_eval)
+                waiting = None
             record = {
                 "round": rnd,
-                **self.last_eval,
                 **self.last_train_metrics,
-                "round_seconds": time.perf_counter() - t0,
-                "train_seconds": train_seconds,
-                "server_seconds": self.server_seconds,
-                "bytes_down": self.bytes_down,
-                "bytes_up": self.bytes_up,
+                "train_seconds": time.perf_counter() - t0,
             }
-            results.append(record)
-            log(
-                INFO,
-                "round %d/%d | acc %.4f (client mean %.4f) | loss %.4f | %.2f s "
-                "(server %.2f s) | down %.1f MB up %.1f MB",
-                rnd,
-                rounds,
-                record["accuracy"],
-                record["accuracy_mean"],
-                record["loss"],
-                record["round_seconds"],
-                record["server_seconds"],
-                record["bytes_down"] / 1e6,
-                record["bytes_up"] / 1e6,
+            if rnd % cfg.eval_every and rnd != rounds:
+                log(INFO, "round %d/%d | train loss %.4f | %.2f s", rnd, rounds,
+                    record["train_loss"], record["train_seconds"])  # fmt: skip
+                continue
+            if self.carries_evaluation(rnd):
+                waiting = self._round_costs(record, t0)
+                continue
+            replies = exchange(
+                grid,
+                self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
+                cfg.round_timeout,
+            )
+            self.aggregate_evaluate(rnd, replies)
+            self._finish_round(
+                results, result, self._round_costs(record, t0), self.last_eval
             )
         return result
+
+    def _round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
+        return record | {
+            "round_seconds": time.perf_counter() - t0,
+            "server_seconds": self.server_seconds,
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+        }
+
+    def _finish_round(
+        self,
+        results: RunResults,
+        result: Result,
+        record: dict[str, Any],
+        evaluation: dict[str, Any] | None,
+    ) -> None:
+        rnd, rounds = record["round"], self.cfg.num_server_rounds
+        if evaluation is None:
+            log(WARNING, "round %d: no evaluation replies", rnd)
+            return
+        record = {"round": rnd, **evaluation, **record}
+        result.evaluate_metrics_clientapp[rnd] = MetricRecord(
+            {"accuracy": record["accuracy"], "loss": record["loss"]}
+        )
+        results.append(record)
+        log(
+            INFO,
+            "round %d/%d | acc %.4f (client mean %.4f) | loss %.4f | %.2f s "
+            "(server %.2f s) | down %.1f MB up %.1f MB",
+            rnd,
+            rounds,
+            record["accuracy"],
+            record["accuracy_mean"],
+            record["loss"],
+            record["round_seconds"],
+            record["server_seconds"],
+            record["bytes_down"] / 1e6,
+            record["bytes_up"] / 1e6,
+        )
+
+
+def summarise_evaluation(
+    replies: list[tuple[ClientInfo, MetricRecord]],
+) -> dict[str, Any] | None:
+    """Accuracy as total correct / total examples, plus the per-client view."""
+    if not replies:
+        return None
+    per_client, correct, total, loss_sum = {}, 0, 0, 0.0
+    for client, m in replies:
+        n, c = int(m[P.NUM_EXAMPLES]), int(m[P.CORRECT])
+        per_client[client.name] = c / n if n else 0.0
+        correct, total, loss_sum = correct + c, total + n, loss_sum + m[P.LOSS] * n
+    return {
+        "accuracy": correct / total if total else 0.0,
+        "accuracy_mean": float(np.mean(list(per_client.values()))),
+        "loss": loss_sum / total if total else float("nan"),
+        "client_accuracy": dict(sorted(per_client.items())),
+        "eval_clients": len(replies),
+    }

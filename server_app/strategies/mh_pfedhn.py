@@ -33,21 +33,26 @@ server never learns the clients' architectures, only ``K_i``.
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 
 from common import protocol as P
 from common.config import RunConfig
 
+from ..exchange import POLL_SECONDS
 from ..hypernet import HyperNetwork
 from ..registry import ClientInfo, ClientRegistry
 from . import register_strategy
 from .base import HeteroStrategy
+
+TRAIN = MessageType.TRAIN
 
 
 def server_device(choice: str) -> torch.device:
@@ -163,18 +168,100 @@ class MHPFedHN(HeteroStrategy):
     def apply_train_replies(
         self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
     ) -> None:
+        """``mean``: one step on the example-weighted mean of the replies' VJPs.
+
+        (``sequential`` rounds apply each reply as it comes, in
+        :meth:`train_phase`.)
+        """
         usable = []
         for client, content in replies:
             delta = self._delta(client, content)
             if delta is not None:
-                n = int(content[P.METRICS][P.NUM_EXAMPLES])
-                usable.append((client.name, delta, n))
-        if not usable:
-            return
-        if self.cfg.hn_update == "sequential":
-            for k in self.rng.permutation(len(usable)):
-                name, delta, _ = usable[k]
-                self.hn_step([(name, delta, 1.0)])
-        else:
-            total = sum(n for _, _, n in usable)
+                usable.append(
+                    (client.name, delta, int(content[P.METRICS][P.NUM_EXAMPLES]))
+                )
+        total = sum(n for _, _, n in usable)
+        if total > 0:
             self.hn_step([(name, delta, n / total) for name, delta, n in usable])
+
+    # -- the windowed sequential round ---------------------------------------------
+    def window(self, num_train: int) -> int:
+        """Clients in flight at once in a sequential round (``hn-window``)."""
+        w = self.cfg.hn_window
+        return num_train if w == 0 else min(w, num_train)
+
+    def carries_evaluation(self, server_round: int) -> bool:
+        # In a windowed round most clients receive a model that already includes
+        # earlier updates of that round, not the state to evaluate.
+        if self.cfg.hn_update == "sequential":
+            names = len(self.clients)
+            if self.window(names) < names:
+                return False
+        return super().carries_evaluation(server_round)
+
+    def train_phase(self, grid: Grid, server_round: int) -> MetricRecord | None:
+        """A round of the sequential update with at most ``W`` clients in flight.
+
+        Clients are visited in a seeded random order ``c_1 .. c_m``. Client
+        ``c_k`` is sent ``theta`` generated after the updates of
+        ``c_1 .. c_{k-W}`` have been applied, and updates are applied strictly in
+        that order (a reply that arrives early waits for its predecessors). So the
+        outcome does not depend on timing: ``W = 1`` is exactly the reference
+        algorithm (fresh ``theta`` for every client), ``W = m`` trains everyone from
+        the round-start state. A client that fails or does not answer within
+        ``round-timeout`` seconds is skipped.
+        """
+        if self.cfg.hn_update != "sequential":
+            return super().train_phase(grid, server_round)
+        names = self.sample_train_clients()
+        order = [names[k] for k in self.rng.permutation(len(names))]
+        width = self.window(len(order))
+        sent: dict[str, tuple[int, float]] = {}  # message id -> (position, time)
+        arrived: dict[int, Message | None] = {}
+        applied: list[tuple[ClientInfo, RecordDict]] = []
+
+        def send(position: int) -> None:
+            messages = self.messages_for([order[position]], server_round, TRAIN)
+            ids = list(grid.push_messages(messages))
+            if not ids:  # the node is gone: nothing will come back
+                arrived[position] = None
+            for message_id in ids:
+                sent[message_id] = (position, time.monotonic())
+
+        for position in range(width):
+            send(position)
+        following = width
+        for position in range(len(order)):
+            while position not in arrived:
+                for reply in grid.pull_messages(list(sent)):
+                    k, _ = sent.pop(reply.metadata.reply_to_message_id)
+                    arrived[k] = reply
+                if position in arrived:
+                    break
+                (message_id, (_, sent_at)), *_ = (
+                    (m, v) for m, v in sent.items() if v[0] == position
+                )
+                if time.monotonic() - sent_at > self.cfg.round_timeout:
+                    sent.pop(message_id)
+                    arrived[position] = None
+                    log(
+                        WARNING,
+                        "round %d: no reply from %s",
+                        server_round,
+                        order[position],
+                    )
+                else:
+                    time.sleep(POLL_SECONDS)
+            reply = arrived.pop(position)
+            valid = self._valid_replies(server_round, [reply] if reply else [], "train")
+            start = time.perf_counter()
+            for client, content in valid:
+                delta = self._delta(client, content)
+                if delta is not None:
+                    self.hn_step([(client.name, delta, 1.0)])
+                applied.append((client, content))
+            self.server_seconds += time.perf_counter() - start
+            if following < len(order):
+                send(following)
+                following += 1
+        return self.summarise_train(sorted(applied, key=lambda pair: pair[0].name))

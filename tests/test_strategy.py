@@ -1,0 +1,185 @@
+"""The server loop with the real ClientApp, through an in-process Grid (fast)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import MessageType
+
+from common import protocol as P
+from common.config import load_run_config
+from server_app.registry import HandshakeError
+from server_app.results import RunResults
+from server_app.strategies import build_strategy
+from server_app.strategies.mh_pfedhn import MHPFedHN
+from tests.inprocess_grid import InProcessGrid
+from tests.test_e2e import write_learnable_imagefolder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_learnable_imagefolder(tmp_path_factory.mktemp("folder"), 6, 24)
+
+
+def run(config: dict, num_nodes: int, strategy=None, **grid_kwargs):
+    cfg = load_run_config(config)
+    grid = InProcessGrid(config, num_nodes, **grid_kwargs)
+    strategy = strategy(cfg) if strategy else build_strategy(cfg)
+    results = RunResults.create(cfg)
+    strategy.start(grid, results)
+    results.finish()
+    rows = [
+        json.loads(x) for x in (results.path / "metrics.jsonl").read_text().splitlines()
+    ]
+    return strategy, grid, results, rows
+
+
+def base_config(folder: Path, tmp_path: Path, **extra) -> dict:
+    return {
+        "dataset": "imagefolder",
+        "data-dir": str(folder),
+        "results-dir": str(tmp_path),
+        "num-server-rounds": 3,
+        "chunk-size": 1024,
+        **extra,
+    }
+
+
+class SeparateEvaluation(MHPFedHN):
+    """The same strategy, but every evaluation in its own message exchange."""
+
+    def carries_evaluation(self, server_round: int) -> bool:
+        return False
+
+
+def test_carried_evaluation_gives_the_same_numbers_with_fewer_messages(
+    folder, tmp_path
+):
+    config = base_config(folder, tmp_path, **{"classes-per-client": 2, "hn-window": 0})
+    _, carried_grid, _, carried = run(config | {"run-name": "a"}, 4)
+    _, separate_grid, _, separate = run(
+        config | {"run-name": "b"}, 4, SeparateEvaluation
+    )
+    keys = [
+        "round",
+        "accuracy",
+        "accuracy_mean",
+        "loss",
+        "client_accuracy",
+        "train_loss",
+    ]
+    assert [{k: r[k] for k in keys} for r in carried] == [
+        {k: r[k] for k in keys} for r in separate
+    ]
+
+    def evaluate_messages(grid):
+        return sum(m.metadata.message_type == MessageType.EVALUATE for m in grid.sent)
+
+    assert evaluate_messages(separate_grid) == 3 * 4
+    assert evaluate_messages(carried_grid) == 1 * 4  # only after the last round
+
+
+def test_results_and_batchnorm_state_persist(folder, tmp_path):
+    config = base_config(folder, tmp_path, models="resnet10,cnn", **{"run-name": "r"})
+    strategy, grid, results, rows = run(config, 2)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    clients = json.loads((results.path / "clients.json").read_text())
+    # 6 classes: the paper's 10-class counts minus 4 rows (65 values) of the last layer
+    assert [c["num_params"] for c in clients] == [347178 - 260, 234006 - 260]
+    summary = json.loads((results.path / "summary.json").read_text())
+    assert (
+        summary["rounds"] == 3 and summary["best_accuracy"] >= summary["final_accuracy"]
+    )
+    resnet_state = grid.contexts[1000].state
+    assert "model-buffers" in resnet_state  # BatchNorm statistics kept by the client
+    assert "model-buffers" not in grid.contexts[1001].state  # the CNN has none
+
+
+def test_fraction_train_samples_seeded_subsets(folder, tmp_path):
+    config = base_config(
+        folder, tmp_path, **{"fraction-train": 0.5, "run-name": "f", "eval-every": 3}
+    )
+    _, grid, _, rows = run(config, 4)
+    trained = trained_nodes(grid)
+    assert all(len(t) == 2 for t in trained.values()) and len(trained) == 3
+    assert [r["round"] for r in rows] == [3]
+    _, grid2, _, _ = run(config | {"run-name": "f2"}, 4)
+    assert trained_nodes(grid2) == trained
+
+
+def trained_nodes(grid: InProcessGrid) -> dict[int, list[int]]:
+    """Round -> sorted node ids that got a train message."""
+    rounds: dict[int, list[int]] = {}
+    for m in grid.sent:
+        if m.metadata.message_type == MessageType.TRAIN:
+            rnd = int(m.content[P.CONFIG][P.ROUND])
+            rounds.setdefault(rnd, []).append(m.metadata.dst_node_id)
+    return {r: sorted(ids) for r, ids in rounds.items()}
+
+
+def test_missing_data_fails_the_handshake_naming_dataset_and_folder(tmp_path):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    config = {"data-dir": str(empty), "download": False, "results-dir": str(tmp_path)}
+    with pytest.raises(HandshakeError, match="node 1000: .*cifar10.*nothing-here"):
+        run(config, 2)
+
+
+def test_two_nodes_claiming_one_name_are_refused(folder, tmp_path):
+    config = base_config(folder, tmp_path)
+    with pytest.raises(HandshakeError, match="claim the client name 'same'"):
+        run(
+            config,
+            2,
+            node_configs={0: {"client-name": "same"}, 1: {"client-name": "same"}},
+        )
+
+
+def test_a_failing_client_does_not_stop_the_round(folder, tmp_path, monkeypatch):
+    from client_app.trainers.hypernet import HypernetTrainer
+
+    original = HypernetTrainer.train
+
+    def flaky(self, content, server_round):
+        if self.client.name == "client-1" and server_round == 2:
+            raise RuntimeError("disk full")
+        return original(self, content, server_round)
+
+    monkeypatch.setattr(HypernetTrainer, "train", flaky)
+    _, _, _, rows = run(base_config(folder, tmp_path, **{"run-name": "x"}), 3)
+    assert [r["train_clients"] for r in rows] == [3, 2, 3]
+
+
+@pytest.mark.parametrize("window", [1, 2, 0])
+def test_windowed_sequential_round_replays_exactly(folder, tmp_path, window):
+    """Client k gets theta after the first max(0, k - W + 1) updates, in order."""
+    config = base_config(
+        folder, tmp_path, **{"hn-window": window, "num-server-rounds": 1}
+    )
+    strategy, grid, _, _ = run(config | {"run-name": f"w{window}"}, 4)
+    sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    deltas = {
+        r.metadata.reply_to_message_id: r.content[P.ARRAYS][P.DELTA].numpy()
+        for r in grid.answered
+        if P.ARRAYS in r.content
+    }
+    names = {1000 + i: f"client-{i}" for i in range(4)}
+    width = window or len(sent)
+    replay = MHPFedHN(load_run_config(config))
+    for name in sorted(names.values()):
+        replay.register(name, strategy.hn.num_params[name])
+    for j, message in enumerate(sent):
+        for k, later in enumerate(sent):
+            if max(0, k - width + 1) == j:  # sent when j updates were applied
+                theta = later.content[P.ARRAYS][P.THETA].numpy()
+                expected = replay.theta(names[later.metadata.dst_node_id])
+                assert (theta == expected).all(), (j, k)
+        delta = torch.from_numpy(deltas[message.metadata.message_id])
+        replay.hn_step([(names[message.metadata.dst_node_id], delta, 1.0)])
+    for (key, got), (_, want) in zip(
+        strategy.hn.state_dict().items(), replay.hn.state_dict().items(), strict=True
+    ):
+        assert torch.equal(got, want), key
