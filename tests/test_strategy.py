@@ -55,14 +55,23 @@ class SeparateEvaluation(MHPFedHN):
         return False
 
 
-def test_carried_evaluation_gives_the_same_numbers_with_fewer_messages(
-    folder, tmp_path
+@pytest.mark.parametrize(
+    ("update", "evaluate_messages"),
+    [({"hn-update": "mean"}, 4), ({"hn-window": 2}, 12), ({"hn-window": 0}, 12)],
+)
+def test_carried_evaluation_gives_the_same_numbers(
+    folder, tmp_path, update, evaluate_messages
 ):
-    config = base_config(folder, tmp_path, **{"classes-per-client": 2, "hn-window": 0})
+    """Evaluation riding on the next round equals its own exchange after the round.
+
+    ``mean`` (everyone trains from the round-start state): clients evaluate the
+    received model before training, so only the last round needs EVALUATE
+    messages. ``sequential``: EVALUATE messages travel with the next round's
+    first train messages.
+    """
+    config = base_config(folder, tmp_path, **update)
     _, carried_grid, _, carried = run(config | {"run-name": "a"}, 4)
-    _, separate_grid, _, separate = run(
-        config | {"run-name": "b"}, 4, SeparateEvaluation
-    )
+    _, _, _, separate = run(config | {"run-name": "b"}, 4, SeparateEvaluation)
     keys = [
         "round",
         "accuracy",
@@ -74,12 +83,8 @@ def test_carried_evaluation_gives_the_same_numbers_with_fewer_messages(
     assert [{k: r[k] for k in keys} for r in carried] == [
         {k: r[k] for k in keys} for r in separate
     ]
-
-    def evaluate_messages(grid):
-        return sum(m.metadata.message_type == MessageType.EVALUATE for m in grid.sent)
-
-    assert evaluate_messages(separate_grid) == 3 * 4
-    assert evaluate_messages(carried_grid) == 1 * 4  # only after the last round
+    sent_types = [m.metadata.message_type for m in carried_grid.sent]
+    assert sent_types.count(MessageType.EVALUATE) == evaluate_messages
 
 
 def test_results_and_batchnorm_state_persist(folder, tmp_path):

@@ -106,9 +106,17 @@ class HeteroStrategy(Strategy):
 
     # -- Flower's Strategy hooks -------------------------------------------------
     def messages_for(
-        self, names: list[str], server_round: int, message_type: str
+        self,
+        names: list[str],
+        server_round: int,
+        message_type: str,
+        evaluate_first: bool = False,
     ) -> Iterator[Message]:
-        """Build one message per client, lazily, so each is sent as soon as built."""
+        """Build one message per client, lazily, so each is sent as soon as built.
+
+        ``evaluate_first`` asks training clients to evaluate the received model
+        before training it (see :meth:`carries_evaluation`).
+        """
         for name in names:
             start = time.perf_counter()
             client = self.clients[name]
@@ -118,7 +126,7 @@ class HeteroStrategy(Strategy):
                 content = self.eval_payload(client, server_round)
             config = content.config_records.get(P.CONFIG, ConfigRecord())
             config[P.ROUND] = server_round
-            if message_type == MessageType.TRAIN and self.evaluate_first:
+            if message_type == MessageType.TRAIN and evaluate_first:
                 config[P.EVALUATE_FIRST] = True
             content[P.CONFIG] = config
             self.bytes_down += payload_bytes(content)
@@ -143,7 +151,10 @@ class HeteroStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled client, each with its own payload."""
         return self.messages_for(
-            self.sample_train_clients(), server_round, MessageType.TRAIN
+            self.sample_train_clients(),
+            server_round,
+            MessageType.TRAIN,
+            evaluate_first=self.evaluate_first,
         )
 
     def configure_evaluate(

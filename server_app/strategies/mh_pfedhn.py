@@ -52,7 +52,7 @@ from ..registry import ClientInfo, ClientRegistry
 from . import register_strategy
 from .base import HeteroStrategy
 
-TRAIN = MessageType.TRAIN
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 
 
 def server_device(choice: str) -> torch.device:
@@ -190,15 +190,6 @@ class MHPFedHN(HeteroStrategy):
         w = self.cfg.hn_window
         return num_train if w == 0 else min(w, num_train)
 
-    def carries_evaluation(self, server_round: int) -> bool:
-        # In a windowed round most clients receive a model that already includes
-        # earlier updates of that round, not the state to evaluate.
-        if self.cfg.hn_update == "sequential":
-            names = len(self.clients)
-            if self.window(names) < names:
-                return False
-        return super().carries_evaluation(server_round)
-
     def train_phase(self, grid: Grid, server_round: int) -> MetricRecord | None:
         """A round of the sequential update with at most ``W`` clients in flight.
 
@@ -210,6 +201,10 @@ class MHPFedHN(HeteroStrategy):
         algorithm (fresh ``theta`` for every client), ``W = m`` trains everyone from
         the round-start state. A client that fails or does not answer within
         ``round-timeout`` seconds is skipped.
+
+        When the previous round's evaluation is due (:meth:`carries_evaluation`),
+        its messages go out right after the first ``W`` train messages, which are
+        generated from the same state, so the workers never wait between rounds.
         """
         if self.cfg.hn_update != "sequential":
             return super().train_phase(grid, server_round)
@@ -230,12 +225,26 @@ class MHPFedHN(HeteroStrategy):
 
         for position in range(width):
             send(position)
+        evaluations = ()
+        if self.evaluate_first:
+            evaluations = grid.push_messages(
+                self.messages_for(self.clients.names, server_round - 1, EVALUATE)
+            )
+        pending_eval, eval_replies = set(evaluations), []
+
+        def pull() -> None:
+            for reply in grid.pull_messages([*sent, *pending_eval]):
+                message_id = reply.metadata.reply_to_message_id
+                if message_id in pending_eval:
+                    pending_eval.discard(message_id)
+                    eval_replies.append(reply)
+                else:
+                    arrived[sent.pop(message_id)[0]] = reply
+
         following = width
         for position in range(len(order)):
             while position not in arrived:
-                for reply in grid.pull_messages(list(sent)):
-                    k, _ = sent.pop(reply.metadata.reply_to_message_id)
-                    arrived[k] = reply
+                pull()
                 if position in arrived:
                     break
                 (message_id, (_, sent_at)), *_ = (
@@ -264,4 +273,12 @@ class MHPFedHN(HeteroStrategy):
             if following < len(order):
                 send(following)
                 following += 1
-        return self.summarise_train(sorted(applied, key=lambda pair: pair[0].name))
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while pending_eval and time.monotonic() < deadline:
+            pull()
+            time.sleep(POLL_SECONDS if pending_eval else 0)
+        metrics = self.summarise_train(sorted(applied, key=lambda pair: pair[0].name))
+        if self.evaluate_first:
+            self.aggregate_evaluate(server_round - 1, eval_replies)
+            self.carried_eval = self.last_eval
+        return metrics
