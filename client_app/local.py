@@ -47,15 +47,6 @@ def assign_model(partition_id: int, num_partitions: int, models: list[str]) -> s
     raise ValueError(f"partition-id {partition_id} is not below {num_partitions}")
 
 
-def pick_device(choice: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run-config device = 'cuda' but CUDA is not available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def _node_int(context: Context, key: str) -> int:
     if key not in context.node_config:
         raise ValueError(
@@ -103,7 +94,7 @@ class LocalClient:
             download=cfg.download,
             dirichlet_min_size=cfg.dirichlet_min_size,
         )
-        device = pick_device(cfg.device)
+        device = cfg.torch_device()
         model = build_model(model_name, data.num_classes, data.in_channels)
         # Channels-last matches the data's layout (see common.data.to_tensor).
         model = model.to(device, memory_format=torch.channels_last)

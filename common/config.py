@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 #: Class counts of the built-in datasets, so that ``classes-per-client`` can be
@@ -111,6 +112,17 @@ class RunConfig(BaseModel):
         if value and (value in {".", ".."} or "/" in value or "\\" in value):
             raise ValueError("must be a plain folder name (no path separators)")
         return value
+
+    def torch_device(self) -> torch.device:
+        """``device`` as a torch device; ``auto`` is CUDA when available, else CPU."""
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                "run-config key 'device' = 'cuda' is not allowed here: CUDA is not "
+                "available; use 'auto' or 'cpu'"
+            )
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     @property
     def model_list(self) -> list[str]:

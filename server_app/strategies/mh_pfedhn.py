@@ -16,16 +16,19 @@ a step over extractor, heads and embeddings together. Parameters that a step doe
 not touch (other clients' embeddings, heads of other chunk counts) have no
 gradient and are skipped by Adam, exactly as in the reference code.
 
-``hn-update`` chooses how replies that were trained in parallel from the same
-hypernetwork state are applied:
+``hn-update`` chooses how replies become steps:
 
 ``sequential`` (default)
-    One Adam step per reply, in a seeded random order; each step regenerates
-    ``theta_i`` from the current hypernetwork, as the reference implementation
-    does when it visits the clients one after another.
+    One Adam step per reply, in a seeded random order of the round's clients, with
+    at most ``hn-window`` clients training at once (:meth:`MHPFedHN.train_phase`):
+    client ``k`` trains a ``theta`` that already includes the updates of clients
+    ``1 .. k - W``. ``W = 1`` is the reference implementation, which visits the
+    clients one after another; the VJP of each reply is taken at the current
+    hypernetwork state.
 ``mean``
-    One Adam step on ``sum_i w_i g_i`` with ``w_i = n_i / sum_j n_j`` (``n_i``
-    the client's training examples).
+    Everyone trains from the round-start state; one Adam step on
+    ``sum_i w_i g_i`` with ``w_i = n_i / sum_j n_j`` (``n_i`` the client's
+    training examples).
 
 Wire: ``theta`` down (float32, ``K_i`` values), ``delta`` up (same size). The
 server never learns the clients' architectures, only ``K_i``.
@@ -55,20 +58,13 @@ from .base import HeteroStrategy
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 
 
-def server_device(choice: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 @register_strategy("mh-pfedhn")
 class MHPFedHN(HeteroStrategy):
     """The hypernetwork strategy; see the module docstring for the math."""
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
-        self.device = server_device(cfg.device)
+        self.device = cfg.torch_device()
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.hn = HyperNetwork(
