@@ -38,6 +38,8 @@ def query(message: Message, context: Context) -> Message:
             P.NUM_PARAMS: client.num_params,
             P.NUM_TRAIN: client.data.num_train,
             P.NUM_TEST: client.data.num_test,
+            P.NUM_CLASSES: client.data.num_classes,
+            P.IN_CHANNELS: client.data.in_channels,
         }
     )
     return Message(content=content, reply_to=message)

@@ -52,6 +52,32 @@ def cross_entropy_loss(
     return F.cross_entropy(model(x), y)
 
 
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> torch.Tensor:
+    """MH-pFedHNGD's personal loss (batch means)::
+
+        alpha * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) )
+            + (1 - alpha) * CE(z_s, y)
+
+    with ``z_s`` the student's (personal model's) and ``z_t`` the teacher's
+    (global model's) logits; the KL is summed over classes and averaged over the
+    batch, and ``T^2`` keeps its gradient scale independent of ``T``.
+    """
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1),
+        F.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits, targets)
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,

@@ -77,6 +77,11 @@ class RunConfig(BaseModel):
     hidden_layers: int = Field(3, ge=1)
     chunk_size: int = Field(3072, ge=1)
 
+    # MH-pFedHNGD
+    global_model: str = "cnn"
+    gd_alpha: float = Field(0.2, ge=0.0, le=1.0)
+    gd_temperature: float = Field(15.0, gt=0.0)
+
     # Results
     results_dir: str = "~/mh-pfedhn-results"
     run_name: str = ""
@@ -105,6 +110,15 @@ class RunConfig(BaseModel):
                 f"unknown model {', '.join(unknown)}; allowed: {', '.join(allowed)}"
             )
         return ",".join(names)
+
+    @field_validator("global_model")
+    @classmethod
+    def _known_global_model(cls, value: str) -> str:
+        from common.models import available_models
+
+        if value not in available_models():
+            raise ValueError(f"unknown model; allowed: {', '.join(available_models())}")
+        return value
 
     @field_validator("run_name")
     @classmethod

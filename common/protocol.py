@@ -3,7 +3,9 @@
 Handshake (QUERY)
     server -> client: ``config`` ConfigRecord (empty).
     client -> server: ``info`` ConfigRecord with :data:`CLIENT_NAME`, and ``metrics``
-    MetricRecord with :data:`NUM_PARAMS`, :data:`NUM_TRAIN`, :data:`NUM_TEST`.
+    MetricRecord with :data:`NUM_PARAMS`, :data:`NUM_TRAIN`, :data:`NUM_TEST`, and
+    the dataset's :data:`NUM_CLASSES` and :data:`IN_CHANNELS` (public facts of the
+    task, which a server-side model such as MH-pFedHNGD's global model needs).
     Nothing about layer names, shapes or the model family is sent.
 Train
     server -> client: ``arrays`` ArrayRecord with :data:`THETA` (flat float32), and
@@ -29,6 +31,9 @@ METRICS = "metrics"
 # Arrays
 THETA = "theta"
 DELTA = "delta"
+#: MH-pFedHNGD: the round-start global model down, its trained delta up.
+GLOBAL_THETA = "global-theta"
+GLOBAL_DELTA = "global-delta"
 
 # Info / config
 CLIENT_NAME = "client-name"
@@ -42,6 +47,9 @@ EVAL_METRICS = "eval-metrics"
 NUM_PARAMS = "num-params"
 NUM_TRAIN = "num-train"
 NUM_TEST = "num-test"
+NUM_CLASSES = "num-classes"
+IN_CHANNELS = "in-channels"
+GLOBAL_LOSS = "global-loss"
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 CORRECT = "correct"

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from common.models import num_chunks
-from common.protocol import check_client_name
 
 
 class PositionHeads(nn.Module):
@@ -135,7 +134,8 @@ class HyperNetwork(nn.Module):
         count. Re-registering a known name with the same size is a no-op; with
         another size it is an error (the embedding would not fit).
         """
-        check_client_name(name)
+        if not name or "." in name:
+            raise ValueError(f"invalid client name {name!r}: empty or contains '.'")
         if num_params < 1:
             raise ValueError(f"client {name!r}: num-params must be >= 1")
         if name in self.num_params:

@@ -35,6 +35,8 @@ class ClientInfo:
     num_params: int
     num_train: int
     num_test: int
+    num_classes: int
+    in_channels: int
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,6 +123,8 @@ def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry
                 num_params=int(metrics[P.NUM_PARAMS]),
                 num_train=int(metrics[P.NUM_TRAIN]),
                 num_test=int(metrics[P.NUM_TEST]),
+                num_classes=int(metrics[P.NUM_CLASSES]),
+                in_channels=int(metrics[P.IN_CHANNELS]),
             )
         except (KeyError, TypeError, ValueError) as err:
             errors.append(f"node {node_id}: malformed handshake reply ({err})")
@@ -129,6 +133,12 @@ def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry
     missing = len(node_ids) - len(replies)
     if missing:
         errors.append(f"{missing} node(s) did not answer within {timeout:.0f} s")
+    tasks = {(c.num_classes, c.in_channels) for c in clients}
+    if len(tasks) > 1:
+        errors.append(
+            "clients disagree on the task (classes, channels): "
+            + ", ".join(f"{c.name}={c.num_classes},{c.in_channels}" for c in clients)
+        )
     if errors:
         raise HandshakeError("handshake failed: " + "; ".join(errors))
     return ClientRegistry(sorted(clients, key=lambda c: c.name))

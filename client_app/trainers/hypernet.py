@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from common import protocol as P
 from common.flat import flatten_params, load_flat_
 
-from ..training import train_local
+from ..training import LossFn, TrainStats, cross_entropy_loss, train_local
 from .base import ClientTrainer, register_trainer
 
 
@@ -23,15 +23,7 @@ class HypernetTrainer(ClientTrainer):
     """Trains the personalised model the hypernetwork generated for this client."""
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
-        client = self.client
-        theta = content[P.ARRAYS][P.THETA].numpy()
-        load_flat_(client.model, theta)
-        x, y = client.train_tensors()
-        stats = train_local(
-            client.model, x, y, client.hparams, client.generator(server_round)
-        )
-        trained = flatten_params(client.model).cpu().numpy()
-        delta = np.ascontiguousarray(theta.astype(np.float32) - trained)
+        delta, stats = self.train_personal(content, server_round)
         return self.reply(
             {
                 P.NUM_EXAMPLES: stats.num_examples,
@@ -40,3 +32,20 @@ class HypernetTrainer(ClientTrainer):
             },
             **{P.ARRAYS: ArrayRecord({P.DELTA: Array(delta)})},
         )
+
+    def train_personal(
+        self,
+        content: RecordDict,
+        server_round: int,
+        loss_fn: LossFn = cross_entropy_loss,
+    ) -> tuple[np.ndarray, TrainStats]:
+        """Load ``theta``, train it locally, return ``theta - theta_trained``."""
+        client = self.client
+        theta = content[P.ARRAYS][P.THETA].numpy()
+        load_flat_(client.model, theta)
+        x, y = client.train_tensors()
+        stats = train_local(
+            client.model, x, y, client.hparams, client.generator(server_round), loss_fn
+        )
+        trained = flatten_params(client.model).cpu().numpy()
+        return np.ascontiguousarray(theta.astype(np.float32) - trained), stats

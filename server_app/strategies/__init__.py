@@ -41,4 +41,4 @@ def build_strategy(cfg: RunConfig):
 
 
 # Import the modules so that they register themselves.
-from . import mh_pfedhn  # noqa: E402, F401
+from . import mh_pfedhn, mh_pfedhngd  # noqa: E402, F401

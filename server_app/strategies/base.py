@@ -9,10 +9,13 @@ It adds what a personalised, model-heterogeneous run needs around the four hooks
 2. per-client train messages (each client gets its own payload) for a seeded
    sample of ``fraction-train`` of the clients;
 3. evaluation of every client on its local test split every ``eval-every`` rounds
-   and after the last round, written to the run's results directory.
+   and after the last round, written to the run's results directory; when every
+   client trains next round, the evaluation rides on those messages
+   (:meth:`carries_evaluation`).
 
 A strategy implements :meth:`setup`, :meth:`train_payload` and
-:meth:`apply_train_replies`, and may override :meth:`eval_payload`.
+:meth:`apply_train_replies`, and may override :meth:`eval_payload` and
+:meth:`train_phase` (to order its updates within a round).
 """
 
 from __future__ import annotations

@@ -137,29 +137,48 @@ class MHPFedHN(HeteroStrategy):
         self._theta_cache.clear()
         return float(norm)
 
-    def _delta(self, client: ClientInfo, content: RecordDict) -> torch.Tensor | None:
-        """The reply's delta as a float32 tensor, or ``None`` if it cannot be used."""
+    def reply_delta(
+        self, client: ClientInfo, content: RecordDict, key: str = P.DELTA, of: str = ""
+    ) -> torch.Tensor | None:
+        """A reply's delta as a float32 tensor, or ``None`` (logged) if unusable.
+
+        ``key`` names the array; ``of`` the hypernetwork entry it must fit
+        (default: the client's own).
+        """
+        of = of or client.name
         try:
-            delta = content[P.ARRAYS][P.DELTA].numpy()
+            delta = content[P.ARRAYS][key].numpy()
         except (KeyError, TypeError, ValueError) as err:
-            log(WARNING, "client %s: reply has no usable delta (%s)", client.name, err)
+            log(
+                WARNING, "client %s: reply has no usable %s (%s)", client.name, key, err
+            )
             return None
-        expected = self.hn.num_params[client.name]
+        expected = self.hn.num_params[of]
         if delta.shape != (expected,) or not np.issubdtype(delta.dtype, np.floating):
             log(
                 WARNING,
-                "client %s: delta of shape %s and dtype %s rejected; expected (%d,) "
+                "client %s: %s of shape %s and dtype %s rejected; expected (%d,) "
                 "floating",
                 client.name,
+                key,
                 delta.shape,
                 delta.dtype,
                 expected,
             )
             return None
         if not np.isfinite(delta).all():
-            log(WARNING, "client %s: delta holds NaN or Inf; rejected", client.name)
+            log(WARNING, "client %s: %s holds NaN or Inf; rejected", client.name, key)
             return None
         return torch.from_numpy(delta.astype(np.float32, copy=False))
+
+    def absorb(self, client: ClientInfo, content: RecordDict) -> None:
+        """Sequential rounds: apply one reply (one Adam step on its VJP)."""
+        delta = self.reply_delta(client, content)
+        if delta is not None:
+            self.hn_step([(client.name, delta, 1.0)])
+
+    def end_train_phase(self, replies: list[tuple[ClientInfo, RecordDict]]) -> None:
+        """Sequential rounds: called once every reply of the round was absorbed."""
 
     def apply_train_replies(
         self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
@@ -171,7 +190,7 @@ class MHPFedHN(HeteroStrategy):
         """
         usable = []
         for client, content in replies:
-            delta = self._delta(client, content)
+            delta = self.reply_delta(client, content)
             if delta is not None:
                 usable.append(
                     (client.name, delta, int(content[P.METRICS][P.NUM_EXAMPLES]))
@@ -261,9 +280,7 @@ class MHPFedHN(HeteroStrategy):
             valid = self._valid_replies(server_round, [reply] if reply else [], "train")
             start = time.perf_counter()
             for client, content in valid:
-                delta = self._delta(client, content)
-                if delta is not None:
-                    self.hn_step([(client.name, delta, 1.0)])
+                self.absorb(client, content)
                 applied.append((client, content))
             self.server_seconds += time.perf_counter() - start
             if following < len(order):
@@ -273,7 +290,11 @@ class MHPFedHN(HeteroStrategy):
         while pending_eval and time.monotonic() < deadline:
             pull()
             time.sleep(POLL_SECONDS if pending_eval else 0)
-        metrics = self.summarise_train(sorted(applied, key=lambda pair: pair[0].name))
+        applied.sort(key=lambda pair: pair[0].name)
+        start = time.perf_counter()
+        self.end_train_phase(applied)
+        self.server_seconds += time.perf_counter() - start
+        metrics = self.summarise_train(applied)
         if self.evaluate_first:
             self.aggregate_evaluate(server_round - 1, eval_replies)
             self.carried_eval = self.last_eval

@@ -1,0 +1,79 @@
+"""Client side of MH-pFedHNGD: the global model as a teacher (PAPER.md).
+
+A train message carries the client's ``theta_i`` and the round-start global
+vector ``g``. Phase A trains a copy of the global model (``global-model``) on the
+local data with cross-entropy and yields ``delta_g = g - g_trained``. Phase B
+trains the personal model with :func:`client_app.training.distillation_loss`,
+the teacher being the round-start ``g`` (not the fine-tuned copy). Both deltas go
+back; only the personal model is ever evaluated.
+
+Deviation from the reference code: phase A clips its gradient norm at
+``client-grad-clip`` like every local training here (the reference does not clip
+phase A; at norm 50 the clip rarely acts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from common import protocol as P
+from common.flat import flatten_params, load_flat_
+from common.models import build_model
+
+from ..training import distillation_loss, train_local
+from .base import register_trainer
+from .hypernet import HypernetTrainer
+
+
+@register_trainer("mh-pfedhngd")
+class HypernetGDTrainer(HypernetTrainer):
+    """Phase A on a copy of the global model, phase B distilled from it."""
+
+    def global_model(self, vector: np.ndarray) -> torch.nn.Module:
+        client = self.client
+        data = client.data
+        model = build_model(client.cfg.global_model, data.num_classes, data.in_channels)
+        model = model.to(client.device, memory_format=torch.channels_last)
+        load_flat_(model, vector)
+        return model
+
+    def train(self, content: RecordDict, server_round: int) -> RecordDict:
+        client, cfg = self.client, self.client.cfg
+        g = content[P.ARRAYS][P.GLOBAL_THETA].numpy()
+        x, y = client.train_tensors()
+
+        # Phase A: fine-tune a copy of the global model with cross-entropy.
+        student = self.global_model(g)
+        global_stats = train_local(
+            student, x, y, client.hparams, client.generator(server_round)
+        )
+        delta_g = g.astype(np.float32) - flatten_params(student).cpu().numpy()
+
+        # Phase B: personal training distilled from the round-start global model.
+        teacher = self.global_model(g).eval()
+
+        def loss_fn(model, xb, yb):
+            with torch.no_grad():
+                target = teacher(xb)
+            return distillation_loss(
+                model(xb), target, yb, cfg.gd_alpha, cfg.gd_temperature
+            )
+
+        delta, stats = self.train_personal(content, server_round, loss_fn)
+        arrays = ArrayRecord(
+            {
+                P.DELTA: Array(delta),
+                P.GLOBAL_DELTA: Array(np.ascontiguousarray(delta_g)),
+            }
+        )
+        return self.reply(
+            {
+                P.NUM_EXAMPLES: stats.num_examples,
+                P.LOSS: stats.loss,
+                P.GLOBAL_LOSS: global_stats.loss,
+                P.SECONDS: stats.seconds + global_stats.seconds,
+            },
+            **{P.ARRAYS: arrays},
+        )
