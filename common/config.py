@@ -19,8 +19,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 #: Class counts of the built-in datasets, so that ``classes-per-client`` can be
 #: checked on the server before any data is loaded. ``imagefolder`` discovers its
 #: class count from the folder and is checked by the clients.
-KNOWN_CLASS_COUNTS = {"cifar10": 10, "cifar100": 100}
-DATASETS = ("cifar10", "cifar100", "imagefolder")
+KNOWN_CLASS_COUNTS = {
+    "cifar10": 10,
+    "cifar100": 100,
+    "tiny-imagenet": 200,
+    "emnist": 62,
+    "mnist": 10,
+    "fashion-mnist": 10,
+}
+DATASETS = (
+    "cifar10",
+    "cifar100",
+    "imagefolder",
+    "tiny-imagenet",
+    "emnist",
+    "mnist",
+    "fashion-mnist",
+)
 
 
 class ConfigError(ValueError):

@@ -240,7 +240,7 @@ def test_not_found_message_names_folder_layouts_and_remedy(tmp_path):
 
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(ValueError, match="cifar10"):
-        load_train_arrays("mnist", tmp_path)
+        load_train_arrays("svhn", tmp_path)
 
 
 # ----------------------------------------------------------- image folders, archives
