@@ -152,3 +152,40 @@ def test_bad_config_and_missing_data_stop_before_round_1(superlink, tmp_path):
         -3000:
     ]
     assert not (results / "missing" / "metrics.jsonl").exists()
+
+
+def write_learnable_mnist(root: Path, per_class: int = 60) -> Path:
+    """MNIST idx files (the official format) whose classes are learnable stripes."""
+    from tests.test_datasets_more import write_idx
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.integers(0, 60, (len(labels), 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, c * 2 : c * 2 + 4, :] = 255
+    raw = root / "MNIST" / "raw"
+    write_idx(raw / "train-images-idx3-ubyte", images, gz=True)
+    write_idx(raw / "train-labels-idx1-ubyte", labels.astype(np.uint8), gz=True)
+    return root
+
+
+def test_gd_on_a_one_channel_dataset(superlink, tmp_path):
+    data = write_learnable_mnist(tmp_path / "mnist")
+    run_dir = run_ok(
+        superlink,
+        tmp_path,
+        4,
+        **{
+            "strategy": "mh-pfedhngd",
+            "dataset": "mnist",
+            "data-dir": str(data),
+            "models": "cnn,resnet10",
+            "num-server-rounds": 2,
+        },
+    )
+    clients = {c["name"]: c for c in json.loads((run_dir / "clients.json").read_text())}
+    assert all(c["in_channels"] == 1 for c in clients.values())
+    # 1 input channel: the paper's 3-channel counts minus 2 * 9 * 16 first-conv weights.
+    assert clients["client-0"]["num_params"] == PAPER_K["cnn"] - 288
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["final_accuracy"] > 0.1
