@@ -40,6 +40,7 @@ def query(message: Message, context: Context) -> Message:
             P.NUM_TEST: client.data.num_test,
             P.NUM_CLASSES: client.data.num_classes,
             P.IN_CHANNELS: client.data.in_channels,
+            P.NOVEL: int(client.novel),
         }
     )
     return Message(content=content, reply_to=message)

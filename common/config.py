@@ -55,7 +55,7 @@ class RunConfig(BaseModel):
 
     # What runs (``strategy`` is checked against the server's registry)
     strategy: str = "mh-pfedhn"
-    num_server_rounds: int = Field(40, ge=1)
+    num_server_rounds: int = Field(40, ge=0)
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     eval_every: int = Field(1, ge=1)
     min_clients: int = Field(2, ge=1)
@@ -91,6 +91,12 @@ class RunConfig(BaseModel):
     hidden_dim: int = Field(128, ge=1)
     hidden_layers: int = Field(3, ge=1)
     chunk_size: int = Field(3072, ge=1)
+
+    # Clients that join after training (generalisation)
+    train_clients: int = Field(0, ge=0)
+    novel_rounds: int = Field(0, ge=0)
+    novel_lr: float = Field(2e-4, gt=0.0)
+    hypernet_from: str = ""
 
     # MH-pFedHNGD
     global_model: str = "cnn"

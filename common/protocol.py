@@ -48,6 +48,8 @@ NUM_PARAMS = "num-params"
 NUM_TRAIN = "num-train"
 NUM_TEST = "num-test"
 NUM_CLASSES = "num-classes"
+#: Handshake: 1 when the client joins only after training (``train-clients``).
+NOVEL = "novel"
 IN_CHANNELS = "in-channels"
 GLOBAL_LOSS = "global-loss"
 NUM_EXAMPLES = "num-examples"

@@ -75,6 +75,8 @@ class PositionHeads(nn.Module):
         arithmetic. ``.grad`` is set only while a step uses this head, so Adam
         still skips heads that no reply touched.
         """
+        if not self.weight.requires_grad:  # a frozen head (novel-client phase)
+            return torch.bmm(grad_out.unsqueeze(1), self.weight).squeeze(1)
         outer = (grad_out.unsqueeze(2), features.unsqueeze(1))
         if self.weight.grad is None:
             if (
@@ -192,9 +194,54 @@ class HyperNetwork(nn.Module):
         grad_features = head.accumulate_grad(
             grad_out.view(n, self.chunk_size), features.detach()
         )
-        features.backward(grad_features)
+        if features.requires_grad:
+            features.backward(grad_features)
 
     @torch.no_grad()
     def generate(self, name: str) -> torch.Tensor:
         """``theta`` without autograd, as float32 on the CPU (ready to send)."""
         return self(name).detach().to("cpu", torch.float32)
+
+    # -- persistence ----------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the parameters and the client sizes (``hypernet-from`` reads it)."""
+        torch.save(
+            {
+                "state": self.state_dict(),
+                "num_params": dict(self.num_params),
+                "shape": self._shape(),
+            },
+            path,
+        )
+
+    def _shape(self) -> list[int]:
+        layers = sum(isinstance(m, nn.Linear) for m in self.extractor)
+        return [self.embed_dim, self.hidden_dim, layers, self.chunk_size]
+
+    def load_trained(self, path, skip: set[str] = frozenset()) -> set[str]:
+        """Copy the extractor, the heads and the embeddings of known names.
+
+        Entries the file lacks (new chunk counts, new clients) and the embeddings
+        named in ``skip`` keep their fresh initialisation. Returns the keys of the
+        heads that were loaded.
+        """
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["shape"] != self._shape():
+            raise ValueError(
+                f"hypernet-from {path}: saved with embed-dim, hidden-dim, "
+                f"hidden-layers, chunk-size = {saved['shape']}; this run uses "
+                f"{self._shape()}"
+            )
+        own = self.state_dict()
+        heads = set()
+        with torch.no_grad():
+            for key, value in saved["state"].items():
+                group, _, rest = key.partition(".")
+                if key not in own or own[key].shape != value.shape:
+                    continue
+                if group == "embeddings" and rest in skip:
+                    continue
+                own[key].copy_(value)
+                if group == "heads":
+                    heads.add(rest.split(".")[0])
+        return heads

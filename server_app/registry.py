@@ -37,6 +37,7 @@ class ClientInfo:
     num_test: int
     num_classes: int
     in_channels: int
+    novel: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -125,6 +126,7 @@ def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry
                 num_test=int(metrics[P.NUM_TEST]),
                 num_classes=int(metrics[P.NUM_CLASSES]),
                 in_channels=int(metrics[P.IN_CHANNELS]),
+                novel=bool(metrics.get(P.NOVEL, 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             errors.append(f"node {node_id}: malformed handshake reply ({err})")

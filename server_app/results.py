@@ -13,7 +13,8 @@ Layout of ``<results-dir>/<run-name>/``:
     ``server_seconds``, ``bytes_down``, ``bytes_up``, ...).
 ``summary.json``
     ``final_accuracy``, ``best_accuracy``, ``best_round``, ``rounds``,
-    ``seconds``.
+    ``seconds`` of the training phase; with novel clients also
+    ``novel_accuracy_before``, ``novel_final_accuracy``, ``novel_best_accuracy``.
 ``accuracy.png``
     Accuracy per round.
 """
@@ -67,20 +68,29 @@ class RunResults:
             f.write(json.dumps(record) + "\n")
 
     def summary(self) -> dict[str, Any]:
-        if not self.records:
-            return {"rounds": 0, "seconds": time.time() - self._start}
-        best = max(self.records, key=lambda r: r["accuracy"])
-        final = self.records[-1]
-        return {
-            "final_accuracy": final["accuracy"],
-            "final_accuracy_mean": final["accuracy_mean"],
-            "best_accuracy": best["accuracy"],
-            "best_round": best["round"],
-            "rounds": final["round"],
-            "seconds": time.time() - self._start,
-            "mean_round_seconds": sum(r["round_seconds"] for r in self.records)
-            / len(self.records),
-        }
+        """Final and best accuracy of the training phase (and of novel clients)."""
+        seconds = time.time() - self._start
+        train = [r for r in self.records if r.get("phase", "train") == "train"]
+        novel = [r for r in self.records if r.get("phase") == "novel"]
+        summary: dict[str, Any] = {"rounds": 0, "seconds": seconds}
+        if train:
+            best = max(train, key=lambda r: r["accuracy"])
+            summary |= {
+                "final_accuracy": train[-1]["accuracy"],
+                "final_accuracy_mean": train[-1]["accuracy_mean"],
+                "best_accuracy": best["accuracy"],
+                "best_round": best["round"],
+                "rounds": train[-1]["round"],
+                "mean_round_seconds": sum(r["round_seconds"] for r in train)
+                / len(train),
+            }
+        if novel:
+            summary |= {
+                "novel_accuracy_before": novel[0]["accuracy"],
+                "novel_final_accuracy": novel[-1]["accuracy"],
+                "novel_best_accuracy": max(r["accuracy"] for r in novel),
+            }
+        return summary
 
     def finish(self) -> dict[str, Any]:
         """Write ``summary.json`` and ``accuracy.png``; return the summary."""
@@ -96,15 +106,18 @@ class RunResults:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rounds = [r["round"] for r in self.records]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(rounds, [r["accuracy"] for r in self.records], label="accuracy")
-        ax.plot(
-            rounds,
-            [r["accuracy_mean"] for r in self.records],
-            label="mean client accuracy",
-            linestyle="--",
-        )
+        for phase in dict.fromkeys(r.get("phase", "train") for r in self.records):
+            rows = [r for r in self.records if r.get("phase", "train") == phase]
+            rounds = [r["round"] for r in rows]
+            label = "accuracy" if phase == "train" else f"accuracy ({phase} clients)"
+            ax.plot(rounds, [r["accuracy"] for r in rows], label=label)
+            ax.plot(
+                rounds,
+                [r["accuracy_mean"] for r in rows],
+                label=f"mean client {label}",
+                linestyle="--",
+            )
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0, 1)

@@ -43,7 +43,13 @@ from common import protocol as P
 from common.config import RunConfig
 
 from ..exchange import error_text, exchange
-from ..registry import ClientInfo, ClientRegistry, handshake, wait_for_nodes
+from ..registry import (
+    ClientInfo,
+    ClientRegistry,
+    HandshakeError,
+    handshake,
+    wait_for_nodes,
+)
 from ..results import RunResults
 
 
@@ -79,6 +85,8 @@ class HeteroStrategy(Strategy):
         self.last_eval: dict[str, Any] | None = None
         self.carried_eval: dict[str, Any] | None = None
         self.evaluate_first = False
+        self.phase = "train"  # or "novel": clients that join after training
+        self.last_round = cfg.num_server_rounds
 
     # -- what a strategy implements ----------------------------------------------
     @abstractmethod
@@ -143,7 +151,7 @@ class HeteroStrategy(Strategy):
 
     def sample_train_clients(self) -> list[str]:
         """A seeded sample of ``fraction-train`` of the clients (at least one)."""
-        names = self.clients.names
+        names = self.phase_names
         k = max(1, round(self.cfg.fraction_train * len(names)))
         if k >= len(names):
             return names
@@ -163,8 +171,8 @@ class HeteroStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per registered client."""
-        return self.messages_for(self.clients.names, server_round, MessageType.EVALUATE)
+        """One message per client of the current phase."""
+        return self.messages_for(self.phase_names, server_round, MessageType.EVALUATE)
 
     def _valid_replies(
         self, server_round: int, replies: Iterable[Message], kind: str
@@ -273,10 +281,16 @@ class HeteroStrategy(Strategy):
     def start(  # type: ignore[override]
         self, grid: Grid, results: RunResults
     ) -> Result:
-        """Handshake, then ``num-server-rounds`` rounds of train (+ evaluate)."""
+        """Handshake, ``num-server-rounds`` rounds of train (+ evaluate), then
+        whatever the strategy does after training (:meth:`after_training`)."""
         cfg = self.cfg
         nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
         self.clients = handshake(grid, nodes, cfg.round_timeout)
+        if not any(not c.novel for c in self.clients) and cfg.num_server_rounds:
+            raise HandshakeError(
+                "no client takes part in training: run-config train-clients = "
+                f"{cfg.train_clients} and every client reported itself novel"
+            )
         start = time.perf_counter()
         self.setup(self.clients)
         self.server_seconds += time.perf_counter() - start
@@ -285,9 +299,38 @@ class HeteroStrategy(Strategy):
         )
         self.summary()
         result = Result()
-        rounds = cfg.num_server_rounds
+        self.phase = "train"
+        self.run_rounds(grid, results, result, 1, cfg.num_server_rounds)
+        self.after_training(grid, results, result)
+        return result
+
+    def after_training(self, grid: Grid, results: RunResults, result: Result) -> None:
+        """Hook after the training rounds (MH-pFedHN fits novel clients here)."""
+
+    @property
+    def phase_names(self) -> list[str]:
+        """Clients taking part in the current phase: training or novel clients."""
+        novel = self.phase == "novel"
+        return [n for n in self.clients.names if self.clients[n].novel == novel]
+
+    def evaluate_now(self, grid: Grid, server_round: int) -> dict[str, Any] | None:
+        """One evaluation exchange with the current phase's clients."""
+        replies = exchange(
+            grid,
+            self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid),
+            self.cfg.round_timeout,
+        )
+        self.aggregate_evaluate(server_round, replies)
+        return self.last_eval
+
+    def run_rounds(
+        self, grid: Grid, results: RunResults, result: Result, first: int, last: int
+    ) -> None:
+        """Rounds ``first .. last`` of the current phase, evaluated as configured."""
+        cfg = self.cfg
+        self.last_round = last
         waiting: dict[str, Any] | None = None  # a round awaiting its evaluation
-        for rnd in range(1, rounds + 1):
+        for rnd in range(first, last + 1):
             t0 = time.perf_counter()
             self.server_seconds = 0.0
             self.bytes_down = self.bytes_up = 0
@@ -296,32 +339,24 @@ class HeteroStrategy(Strategy):
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
             if waiting is not None:
-                self._finish_round(results, result, waiting, self.carried_eval)
+                self.finish_round(results, result, waiting, self.carried_eval)
                 waiting = None
             record = {
                 "round": rnd,
                 **self.last_train_metrics,
                 "train_seconds": time.perf_counter() - t0,
             }
-            if rnd % cfg.eval_every and rnd != rounds:
-                log(INFO, "round %d/%d | train loss %.4f | %.2f s", rnd, rounds,
+            if rnd % cfg.eval_every and rnd != last:
+                log(INFO, "round %d/%d | train loss %.4f | %.2f s", rnd, last,
                     record["train_loss"], record["train_seconds"])  # fmt: skip
                 continue
             if self.carries_evaluation(rnd):
-                waiting = self._round_costs(record, t0)
+                waiting = self.round_costs(record, t0)
                 continue
-            replies = exchange(
-                grid,
-                self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
-                cfg.round_timeout,
-            )
-            self.aggregate_evaluate(rnd, replies)
-            self._finish_round(
-                results, result, self._round_costs(record, t0), self.last_eval
-            )
-        return result
+            evaluation = self.evaluate_now(grid, rnd)
+            self.finish_round(results, result, self.round_costs(record, t0), evaluation)
 
-    def _round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
+    def round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
         return record | {
             "round_seconds": time.perf_counter() - t0,
             "server_seconds": self.server_seconds,
@@ -329,18 +364,18 @@ class HeteroStrategy(Strategy):
             "bytes_up": self.bytes_up,
         }
 
-    def _finish_round(
+    def finish_round(
         self,
         results: RunResults,
         result: Result,
         record: dict[str, Any],
         evaluation: dict[str, Any] | None,
     ) -> None:
-        rnd, rounds = record["round"], self.cfg.num_server_rounds
+        rnd, rounds = record["round"], self.last_round
         if evaluation is None:
             log(WARNING, "round %d: no evaluation replies", rnd)
             return
-        record = {"round": rnd, **evaluation, **record}
+        record = {"round": rnd, "phase": self.phase, **evaluation, **record}
         result.evaluate_metrics_clientapp[rnd] = MetricRecord(
             {"accuracy": record["accuracy"], "loss": record["loss"]}
         )

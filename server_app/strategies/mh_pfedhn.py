@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
 
 from common import protocol as P
 from common.config import RunConfig
@@ -52,10 +54,13 @@ from common.config import RunConfig
 from ..exchange import POLL_SECONDS
 from ..hypernet import HyperNetwork
 from ..registry import ClientInfo, ClientRegistry
+from ..results import RunResults
 from . import register_strategy
 from .base import HeteroStrategy
 
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+#: The trained hypernetwork in a run's results directory (``hypernet-from``).
+HYPERNET_FILE = "hypernet.pt"
 
 
 @register_strategy("mh-pfedhn")
@@ -78,6 +83,7 @@ class MHPFedHN(HeteroStrategy):
         # theta_i of the current hypernetwork state: evaluation after round r and
         # training in round r+1 send the same vectors; any update clears it.
         self._theta_cache: dict[str, np.ndarray] = {}
+        self.loaded_heads: set[str] = set()
 
     # -- state ------------------------------------------------------------------------
     def register(self, name: str, num_params: int) -> None:
@@ -93,6 +99,14 @@ class MHPFedHN(HeteroStrategy):
     def setup(self, clients: ClientRegistry) -> None:
         for name in clients.names:
             self.register(name, clients[name].num_params)
+        if self.cfg.hypernet_from:
+            path = Path(self.cfg.hypernet_from).expanduser()
+            if path.is_dir():
+                path = path / HYPERNET_FILE
+            novel = {c.name for c in clients if c.novel}
+            self.loaded_heads = self.hn.load_trained(path, skip=novel)
+            log(INFO, "Loaded hypernetwork from %s (heads %s)", path,
+                ", ".join(sorted(self.loaded_heads, key=int)))  # fmt: skip
         log(
             INFO,
             "Hypernetwork: %d clients, %d heads (chunk counts %s), %.1f M parameters",
@@ -199,6 +213,47 @@ class MHPFedHN(HeteroStrategy):
         if total > 0:
             self.hn_step([(name, delta, n / total) for name, delta, n in usable])
 
+    # -- clients that join after training ----------------------------------------
+    def after_training(self, grid: Grid, results: RunResults, result: Result) -> None:
+        """Save the hypernetwork, then fit the novel clients' embeddings.
+
+        Extractor and the heads that training produced (or ``hypernet-from``
+        loaded) are frozen. Only the novel clients' fresh embeddings, and a new
+        head for a chunk count no trained head has, are fitted: Adam with
+        ``novel-lr`` for ``novel-rounds`` rounds, applied like training rounds.
+        Their accuracy before fitting is recorded at the last training round with
+        ``phase = "novel"``, then after each fitting round.
+        """
+        self.hn.save(results.path / HYPERNET_FILE)
+        novel = {c.name for c in self.clients if c.novel}
+        if not novel:
+            return
+        trained = self.loaded_heads | {
+            self.hn.head_of(n) for n in self.hn.num_params if n not in novel
+        }
+        self.hn.extractor.requires_grad_(False)
+        fitted = [self.hn.embeddings[n] for n in sorted(novel)]
+        for key, head in self.hn.heads.items():
+            head.requires_grad_(key not in trained)
+            if key not in trained:
+                fitted += list(head.parameters())
+        self.optimizer = torch.optim.Adam(fitted, lr=self.cfg.novel_lr, fused=True)
+        self._theta_cache.clear()
+        new_heads = sorted(set(self.hn.heads) - trained, key=int)
+        log(INFO, "Novel clients: %d, new heads: %s", len(novel), new_heads or "none")
+        self.phase = "novel"
+        last = self.cfg.num_server_rounds
+        self.last_round = last
+        start = time.perf_counter()
+        self.server_seconds = 0.0
+        self.bytes_down = self.bytes_up = 0
+        evaluation = self.evaluate_now(grid, last)
+        self.last_train_metrics = {}
+        self.finish_round(
+            results, result, self.round_costs({"round": last}, start), evaluation
+        )
+        self.run_rounds(grid, results, result, last + 1, last + self.cfg.novel_rounds)
+
     # -- the windowed sequential round ---------------------------------------------
     def window(self, num_train: int) -> int:
         """Clients in flight at once in a sequential round (``hn-window``)."""
@@ -243,7 +298,7 @@ class MHPFedHN(HeteroStrategy):
         evaluations = ()
         if self.evaluate_first:
             evaluations = grid.push_messages(
-                self.messages_for(self.clients.names, server_round - 1, EVALUATE)
+                self.messages_for(self.phase_names, server_round - 1, EVALUATE)
             )
         pending_eval, eval_replies = set(evaluations), []
 

@@ -84,7 +84,12 @@ class MHPFedHNGD(MHPFedHN):
         return super().train_payload(client, server_round)
 
     def global_step(self, replies: list[tuple[ClientInfo, RecordDict]]) -> None:
-        """One Adam step on the example-weighted sum of the global VJPs."""
+        """One Adam step on the example-weighted sum of the global VJPs.
+
+        (Not while novel clients are fitted: the global model is frozen then.)
+        """
+        if self.phase == "novel":
+            return
         usable = []
         for client, content in replies:
             delta = self.reply_delta(client, content, P.GLOBAL_DELTA, of=GLOBAL)
