@@ -30,7 +30,9 @@ def _round(message: Message) -> int:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Handshake: name, parameter count and example counts; nothing else."""
+    """Handshake: name, parameter count, example counts, the task's class and
+    channel counts and whether the client joins after training; nothing about
+    its architecture."""
     client = _client(context)
     trainer = build_trainer(client.cfg.strategy, client)
     content = trainer.reply(
