@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -82,6 +82,50 @@ class ClientRegistry:
             if info.node_id == node_id:
                 return info.name
         return None
+
+    def merge(self, joined: ClientRegistry, live_nodes: set[int]) -> list[ClientInfo]:
+        """Take in clients that answered a later handshake; return the new ones.
+
+        A known name whose old node is gone reconnected: it keeps its entry (and
+        so its server state) under the new node id. A known name whose old node
+        is still connected is refused (logged): two live nodes cannot share a
+        name. A known name reporting another parameter count is refused too.
+        """
+        new = []
+        for info in joined:
+            known = self._by_name.get(info.name)
+            if known is None:
+                self._by_name[info.name] = info
+                new.append(info)
+            elif known.node_id in live_nodes:
+                log(
+                    WARNING,
+                    "node %s claims client name '%s', which node %s still "
+                    "holds; refused",
+                    info.node_id,
+                    info.name,
+                    known.node_id,
+                )
+            elif known.num_params != info.num_params:
+                log(
+                    WARNING,
+                    "client '%s' reconnected from node %s with %d parameters "
+                    "instead of %d; refused",
+                    info.name,
+                    info.node_id,
+                    info.num_params,
+                    known.num_params,
+                )
+            else:
+                log(
+                    INFO,
+                    "client '%s' reconnected from node %s (was %s)",
+                    info.name,
+                    info.node_id,
+                    known.node_id,
+                )
+                known.node_id = info.node_id
+        return new
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:

@@ -86,6 +86,7 @@ class HeteroStrategy(Strategy):
         self.carried_eval: dict[str, Any] | None = None
         self.evaluate_first = False
         self.phase = "train"  # or "novel": clients that join after training
+        self._refused_nodes: set[int] = set()
         self.last_round = cfg.num_server_rounds
 
     # -- what a strategy implements ----------------------------------------------
@@ -304,6 +305,38 @@ class HeteroStrategy(Strategy):
         self.after_training(grid, results, result)
         return result
 
+    def admit_new_nodes(self, grid: Grid, results: RunResults) -> None:
+        """At a round's start: hand-shake nodes that connected since the last one.
+
+        A new client name joins with fresh server state (:meth:`register`); a
+        known name coming back from a new node (a restarted SuperNode) keeps its
+        state. A node whose handshake fails is logged and not asked again.
+        """
+        live = set(grid.get_node_ids())
+        known = {c.node_id for c in self.clients} | self._refused_nodes
+        fresh = sorted(live - known)
+        if not fresh:
+            return
+        try:
+            joined = handshake(grid, fresh, self.cfg.round_timeout)
+        except HandshakeError as err:
+            log(WARNING, "nodes %s could not join: %s", fresh, err)
+            self._refused_nodes.update(fresh)
+            return
+        new = self.clients.merge(joined, live - set(fresh))
+        self._refused_nodes.update(n for n in fresh if self.clients.name_of(n) is None)
+        start = time.perf_counter()
+        for info in new:
+            self.register(info.name, info.num_params)
+            log(INFO, "client '%s' joined from node %s", info.name, info.node_id)
+        self.server_seconds += time.perf_counter() - start
+        results.write_clients(
+            [c.to_json() | self.client_details(c) for c in self.clients]
+        )
+
+    def register(self, name: str, num_params: int) -> None:
+        """Create the server state of a client that joined after the handshake."""
+
     def after_training(self, grid: Grid, results: RunResults, result: Result) -> None:
         """Hook after the training rounds (MH-pFedHN fits novel clients here)."""
 
@@ -334,6 +367,7 @@ class HeteroStrategy(Strategy):
             t0 = time.perf_counter()
             self.server_seconds = 0.0
             self.bytes_down = self.bytes_up = 0
+            self.admit_new_nodes(grid, results)
             self.evaluate_first = waiting is not None
             train_metrics = self.train_phase(grid, rnd)
             if train_metrics is not None:
