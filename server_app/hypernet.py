@@ -50,10 +50,6 @@ class PositionHeads(nn.Module):
         self.bias = nn.Parameter(bias.uniform_(-bound, bound, generator=generator))
         self._grad_buffer: torch.Tensor | None = None
 
-    @property
-    def num_positions(self) -> int:
-        return self.weight.shape[0]
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Map ``(n, h)`` features to ``(n, C)`` chunks, row ``j`` through map ``j``."""
         out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, features.unsqueeze(2))

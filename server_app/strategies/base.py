@@ -295,9 +295,7 @@ class HeteroStrategy(Strategy):
         start = time.perf_counter()
         self.setup(self.clients)
         self.server_seconds += time.perf_counter() - start
-        results.write_clients(
-            [c.to_json() | self.client_details(c) for c in self.clients]
-        )
+        self.write_clients(results)
         self.summary()
         result = Result()
         self.phase = "train"
@@ -330,6 +328,10 @@ class HeteroStrategy(Strategy):
             self.register(info.name, info.num_params)
             log(INFO, "client '%s' joined from node %s", info.name, info.node_id)
         self.server_seconds += time.perf_counter() - start
+        self.write_clients(results)
+
+    def write_clients(self, results: RunResults) -> None:
+        """(Re)write ``clients.json`` from the registry and the strategy's details."""
         results.write_clients(
             [c.to_json() | self.client_details(c) for c in self.clients]
         )
