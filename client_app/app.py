@@ -34,7 +34,7 @@ def query(message: Message, context: Context) -> Message:
     channel counts and whether the client joins after training; nothing about
     its architecture."""
     client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client)
+    trainer = build_trainer(client.cfg.strategy, client, context.state)
     content = trainer.reply(
         {
             P.NUM_PARAMS: client.num_params,
@@ -56,14 +56,14 @@ def train(message: Message, context: Context) -> Message:
     training (the previous round's evaluation, carried by this message).
     """
     client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client)
+    trainer = build_trainer(client.cfg.strategy, client, context.state)
     evaluation = None
     if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
         evaluation = MetricRecord(trainer.evaluate_metrics(message.content))
     content: RecordDict = trainer.train(message.content, _round(message))
     if evaluation is not None:
         content[P.EVAL_METRICS] = evaluation
-    client.save_buffers(context)
+    trainer.save()
     return Message(content=content, reply_to=message)
 
 
@@ -71,6 +71,6 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
     client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client)
+    trainer = build_trainer(client.cfg.strategy, client, context.state)
     content = trainer.evaluate(message.content, _round(message))
     return Message(content=content, reply_to=message)

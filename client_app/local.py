@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, RecordDict
 from torch import nn
 
 from common.config import RunConfig
@@ -98,6 +98,10 @@ class LocalClient:
             dirichlet_min_size=cfg.dirichlet_min_size,
         )
         device = cfg.torch_device()
+        # A seeded initialisation: strategies whose clients keep their own model
+        # start from it, and reruns with the same seed start identically.
+        seq = np.random.SeedSequence([cfg.seed, pid, 0x1417])
+        torch.manual_seed(int(seq.generate_state(1)[0]))
         model = build_model(model_name, data.num_classes, data.in_channels)
         # Channels-last matches the data's layout (see common.data.to_tensor).
         model = model.to(device, memory_format=torch.channels_last)
@@ -106,7 +110,7 @@ class LocalClient:
         )
         novel = str(novel).lower() in {"1", "true", "yes"}
         client = cls(name, model_name, pid, novel, model, data, device, cfg)
-        client.restore_buffers(context)
+        client.restore_buffers(context.state)
         return client
 
     @property
@@ -143,19 +147,19 @@ class LocalClient:
         return self.data.test_x.to(self.device), self.data.test_y.to(self.device)
 
     # -- state kept across messages ---------------------------------------------
-    def restore_buffers(self, context: Context) -> None:
+    def restore_buffers(self, state: RecordDict) -> None:
         """Load BatchNorm running statistics saved by an earlier message."""
-        if BUFFERS_KEY in context.state:
-            record = context.state[BUFFERS_KEY]
+        if BUFFERS_KEY in state:
+            record = state[BUFFERS_KEY]
             shapes = {k: tuple(b.shape) for k, b in self.model.named_buffers()}
             # Records store scalars (num_batches_tracked) as 1-element arrays.
             state = {k: v.numpy().reshape(shapes.get(k, -1)) for k, v in record.items()}
             load_buffer_state_(self.model, state)
 
-    def save_buffers(self, context: Context) -> None:
+    def save_buffers(self, state: RecordDict) -> None:
         """Keep BatchNorm running statistics for the next message."""
-        state = buffer_state(self.model)
-        if state:
-            context.state[BUFFERS_KEY] = ArrayRecord(
-                {k: Array(np.ascontiguousarray(v)) for k, v in state.items()}
+        buffers = buffer_state(self.model)
+        if buffers:
+            state[BUFFERS_KEY] = ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in buffers.items()}
             )

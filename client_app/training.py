@@ -22,6 +22,8 @@ from torch import nn
 
 #: ``loss_fn(model, x, y) -> scalar loss`` for one mini-batch.
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``logits_fn(model, x) -> [B, classes]`` class scores (argmax = prediction).
+LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ def train_local(
     hparams: LocalHParams,
     generator: torch.Generator,
     loss_fn: LossFn = cross_entropy_loss,
+    params: list[nn.Parameter] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on ``(x, y)``; return loss and timing.
 
@@ -99,10 +102,15 @@ def train_local(
     generator : torch.Generator
         CPU generator that draws the batch order (seeded by the caller).
     loss_fn : LossFn
-        Loss of one mini-batch; cross-entropy by default.
+        Loss of one mini-batch; cross-entropy by default. A strategy that trains
+        two models together (mutual learning) passes a container of both and a
+        loss that sums theirs.
+    params : list of nn.Parameter, optional
+        The parameters to optimise; default all trainable ones of ``model``.
     """
     start = time.perf_counter()
-    params = [p for p in model.parameters() if p.requires_grad]
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
         params,
         lr=hparams.lr,
@@ -128,13 +136,22 @@ def train_local(
 
 @torch.no_grad()
 def evaluate_local(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 512,
+    logits_fn: LogitsFn | None = None,
 ) -> tuple[float, int, int]:
-    """Return ``(mean cross-entropy, correct, n)`` of ``model`` on ``(x, y)``."""
+    """Return ``(mean cross-entropy, correct, n)`` of ``model`` on ``(x, y)``.
+
+    ``logits_fn`` replaces ``model(x)`` as the class scores (e.g. negative
+    distances to class prototypes); the prediction is their argmax.
+    """
     model.eval()
     loss_sum, correct = 0.0, 0
     for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i : i + batch_size])
+        xb = x[i : i + batch_size]
+        logits = model(xb) if logits_fn is None else logits_fn(model, xb)
         target = y[i : i + batch_size]
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == target).sum())

@@ -103,6 +103,20 @@ class RunConfig(BaseModel):
     gd_alpha: float = Field(0.2, ge=0.0, le=1.0)
     gd_temperature: float = Field(15.0, gt=0.0)
 
+    # Baselines (HtFLlib's defaults; see each strategy module's docstring)
+    reg_lambda: float = Field(1.0, ge=0.0)
+    fml_alpha: float = Field(1.0, ge=0.0)
+    fml_beta: float = Field(1.0, ge=0.0)
+    fedkd_energy_start: float = Field(0.95, gt=0.0, le=1.0)
+    fedkd_energy_end: float = Field(0.98, gt=0.0, le=1.0)
+    server_lr: float = Field(0.01, gt=0.0)
+    server_epochs: int = Field(100, ge=1)
+    tgp_margin: float = Field(100.0, ge=0.0)
+    pfedhn_lr: float = Field(0.01, gt=0.0)
+    pfedhn_weight_decay: float = Field(1e-3, ge=0.0)
+    pfedhn_embed_dim: int = Field(0, ge=0)
+    pfedhn_hidden_dim: int = Field(100, ge=1)
+
     # Results
     results_dir: str = "~/mh-pfedhn-results"
     run_name: str = ""
@@ -169,7 +183,23 @@ class RunConfig(BaseModel):
         return self.model_dump(by_alias=True)
 
 
+#: Strategies that train one architecture for every client.
+HOMOGENEOUS_STRATEGIES = ("fedavg", "pfedhn")
+
+
 def _check_combinations(cfg: RunConfig) -> None:
+    if cfg.strategy in HOMOGENEOUS_STRATEGIES and len(set(cfg.model_list)) > 1:
+        raise ConfigError(
+            f"run-config key 'models' = {cfg.models!r} is not allowed with strategy "
+            f"'{cfg.strategy}': it trains one architecture for every client, so "
+            "'models' must name a single model (e.g. 'cnn'); use a model-"
+            "heterogeneous strategy for a mixed list"
+        )
+    if cfg.fedkd_energy_start > cfg.fedkd_energy_end:
+        raise ConfigError(
+            f"run-config key 'fedkd-energy-start' = {cfg.fedkd_energy_start} is not "
+            f"allowed: it must not exceed fedkd-energy-end = {cfg.fedkd_energy_end}"
+        )
     classes = KNOWN_CLASS_COUNTS.get(cfg.dataset)
     if (
         cfg.partition == "pathological"
@@ -181,7 +211,7 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"allowed: dataset '{cfg.dataset}' has {classes} classes, so it must be "
             f"between 1 and {classes}"
         )
-    for key in ("client-lr", "hn-lr", "dirichlet-alpha"):
+    for key in ("client-lr", "hn-lr", "dirichlet-alpha", "server-lr", "pfedhn-lr"):
         value = getattr(cfg, key.replace("-", "_"))
         if not math.isfinite(value):
             raise ConfigError(

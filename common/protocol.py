@@ -18,6 +18,11 @@ Evaluate
     server -> client: ``arrays`` with :data:`THETA`, ``config`` with :data:`ROUND`.
     client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
     :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples).
+
+Baselines carry other arrays in the same ``arrays`` record (each strategy
+module's docstring says which): a shared model or head as a flat vector
+(:data:`THETA` / :data:`DELTA`, :data:`HEAD`, :data:`SHARED`), class prototypes
+(:data:`PROTOS` with :data:`PROTO_COUNTS`) or per-class logits (:data:`LOGITS`).
 """
 
 import re
@@ -34,6 +39,17 @@ DELTA = "delta"
 #: MH-pFedHNGD: the round-start global model down, its trained delta up.
 GLOBAL_THETA = "global-theta"
 GLOBAL_DELTA = "global-delta"
+#: Baselines: a flat classifier head (lg-fedavg, fedgh).
+HEAD = "head"
+#: Baselines: a flat shared model (fml, fedkd) down, and as trained up.
+SHARED = "shared"
+#: Baselines: ``[classes, features]`` class means of penultimate features
+#: (fedproto, fedgh, fedtgp) and ``[classes]`` examples behind each row (0 = the
+#: class is absent; its row is meaningless).
+PROTOS = "protos"
+PROTO_COUNTS = "proto-counts"
+#: FedDistill: ``[classes, classes]`` per-class mean logits.
+LOGITS = "logits"
 
 # Info / config
 CLIENT_NAME = "client-name"

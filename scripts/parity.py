@@ -29,8 +29,7 @@ def main() -> None:
             {"results-dir": str(out / "results"), **overrides}, num, timeout=7200
         )
         print(f"flwr run exit {proc.returncode} after {time.time() - start:.0f} s")
-        if proc.returncode:
-            print(proc.stdout[-5000:], proc.stderr[-5000:])
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
     finally:
         link.stop()
     for metrics in (out / "results").glob("*/metrics.jsonl"):

@@ -144,16 +144,16 @@ def test_two_nodes_claiming_one_name_are_refused(folder, tmp_path):
 
 
 def test_a_failing_client_does_not_stop_the_round(folder, tmp_path, monkeypatch):
-    from client_app.trainers.hypernet import HypernetTrainer
+    from client_app.trainers.delta import DeltaTrainer
 
-    original = HypernetTrainer.train
+    original = DeltaTrainer.train
 
     def flaky(self, content, server_round):
         if self.client.name == "client-1" and server_round == 2:
             raise RuntimeError("disk full")
         return original(self, content, server_round)
 
-    monkeypatch.setattr(HypernetTrainer, "train", flaky)
+    monkeypatch.setattr(DeltaTrainer, "train", flaky)
     _, _, _, rows = run(base_config(folder, tmp_path, **{"run-name": "x"}), 3)
     assert [r["train_clients"] for r in rows] == [3, 2, 3]
 

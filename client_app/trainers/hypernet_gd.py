@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from common import protocol as P
 from common.flat import flatten_params, load_flat_
 from common.models import build_model
 
-from ..training import distillation_loss, train_local
+from ..training import distillation_loss
 from .base import register_trainer
-from .hypernet import HypernetTrainer
+from .delta import DeltaTrainer
 
 
 @register_trainer("mh-pfedhngd")
-class HypernetGDTrainer(HypernetTrainer):
+class HypernetGDTrainer(DeltaTrainer):
     """Phase A on a copy of the global model, phase B distilled from it."""
 
     def global_model(self, vector: np.ndarray) -> torch.nn.Module:
@@ -40,15 +40,12 @@ class HypernetGDTrainer(HypernetTrainer):
         return model
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
-        client, cfg = self.client, self.client.cfg
+        cfg = self.client.cfg
         g = content[P.ARRAYS][P.GLOBAL_THETA].numpy()
-        x, y = client.train_tensors()
 
         # Phase A: fine-tune a copy of the global model with cross-entropy.
         student = self.global_model(g)
-        global_stats = train_local(
-            student, x, y, client.hparams, client.generator(server_round)
-        )
+        global_stats = self.fit(student, server_round)
         delta_g = g.astype(np.float32) - flatten_params(student).cpu().numpy()
 
         # Phase B: personal training distilled from the round-start global model.
@@ -61,19 +58,7 @@ class HypernetGDTrainer(HypernetTrainer):
                 model(xb), target, yb, cfg.gd_alpha, cfg.gd_temperature
             )
 
-        delta, stats = self.train_personal(content, server_round, loss_fn)
-        arrays = ArrayRecord(
-            {
-                P.DELTA: Array(delta),
-                P.GLOBAL_DELTA: Array(np.ascontiguousarray(delta_g)),
-            }
-        )
-        return self.reply(
-            {
-                P.NUM_EXAMPLES: stats.num_examples,
-                P.LOSS: stats.loss,
-                P.GLOBAL_LOSS: global_stats.loss,
-                P.SECONDS: stats.seconds + global_stats.seconds,
-            },
-            **{P.ARRAYS: arrays},
-        )
+        delta, stats = self.train_received(content, server_round, loss_fn)
+        metrics = self.train_metrics(stats, **{P.GLOBAL_LOSS: global_stats.loss})
+        metrics[P.SECONDS] = stats.seconds + global_stats.seconds
+        return self.reply(metrics, **{P.DELTA: delta, P.GLOBAL_DELTA: delta_g})

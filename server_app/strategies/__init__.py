@@ -6,6 +6,8 @@ module here whose class is decorated with :func:`register_strategy`.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 
 from common.config import ConfigError, RunConfig
@@ -40,5 +42,6 @@ def build_strategy(cfg: RunConfig):
     return STRATEGIES[cfg.strategy](cfg)
 
 
-# Import the modules so that they register themselves.
-from . import mh_pfedhn, mh_pfedhngd  # noqa: E402, F401
+# Import every module of this package so that its strategy registers itself.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

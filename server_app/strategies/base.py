@@ -108,6 +108,48 @@ class HeteroStrategy(Strategy):
         """Records sent to ``client`` for evaluation (default: same as training)."""
         return self.train_payload(client, server_round)
 
+    def reply_array(
+        self,
+        client: ClientInfo,
+        content: RecordDict,
+        key: str,
+        shape: tuple[int, ...] | None = None,
+    ) -> np.ndarray | None:
+        """Array ``key`` of a reply as float32, or ``None`` (logged) if unusable.
+
+        Rejected: a missing array, a non-floating dtype, a shape other than
+        ``shape`` (when given), NaN or Inf. Nothing of the server state is
+        touched here, so a rejected reply changes nothing.
+        """
+        try:
+            value = content[P.ARRAYS][key].numpy()
+        except (KeyError, TypeError, ValueError) as err:
+            log(WARNING, "client %s: reply has no usable %s (%s)", client.name, key,
+                err)  # fmt: skip
+            return None
+        if not np.issubdtype(value.dtype, np.floating) or (
+            shape is not None and value.shape != shape
+        ):
+            log(
+                WARNING,
+                "client %s: %s of shape %s and dtype %s rejected; expected %s floating",
+                client.name,
+                key,
+                value.shape,
+                value.dtype,
+                shape if shape is not None else "any shape,",
+            )
+            return None
+        if not np.isfinite(value).all():
+            log(WARNING, "client %s: %s holds NaN or Inf; rejected", client.name, key)
+            return None
+        return value.astype(np.float32, copy=False)
+
+    @staticmethod
+    def num_examples(content: RecordDict) -> int:
+        """Training examples a reply reports (its aggregation weight)."""
+        return int(content[P.METRICS][P.NUM_EXAMPLES])
+
     def client_details(self, client: ClientInfo) -> dict[str, Any]:
         """Extra per-client fields for ``clients.json`` (e.g. chunks and head)."""
         return {}

@@ -159,31 +159,9 @@ class MHPFedHN(HeteroStrategy):
         ``key`` names the array; ``of`` the hypernetwork entry it must fit
         (default: the client's own).
         """
-        of = of or client.name
-        try:
-            delta = content[P.ARRAYS][key].numpy()
-        except (KeyError, TypeError, ValueError) as err:
-            log(
-                WARNING, "client %s: reply has no usable %s (%s)", client.name, key, err
-            )
-            return None
-        expected = self.hn.num_params[of]
-        if delta.shape != (expected,) or not np.issubdtype(delta.dtype, np.floating):
-            log(
-                WARNING,
-                "client %s: %s of shape %s and dtype %s rejected; expected (%d,) "
-                "floating",
-                client.name,
-                key,
-                delta.shape,
-                delta.dtype,
-                expected,
-            )
-            return None
-        if not np.isfinite(delta).all():
-            log(WARNING, "client %s: %s holds NaN or Inf; rejected", client.name, key)
-            return None
-        return torch.from_numpy(delta.astype(np.float32, copy=False))
+        expected = (self.hn.num_params[of or client.name],)
+        delta = self.reply_array(client, content, key, expected)
+        return None if delta is None else torch.from_numpy(delta)
 
     def absorb(self, client: ClientInfo, content: RecordDict) -> None:
         """Sequential rounds: apply one reply (one Adam step on its VJP)."""
@@ -206,9 +184,7 @@ class MHPFedHN(HeteroStrategy):
         for client, content in replies:
             delta = self.reply_delta(client, content)
             if delta is not None:
-                usable.append(
-                    (client.name, delta, int(content[P.METRICS][P.NUM_EXAMPLES]))
-                )
+                usable.append((client.name, delta, self.num_examples(content)))
         total = sum(n for _, _, n in usable)
         if total > 0:
             self.hn_step([(name, delta, n / total) for name, delta, n in usable])

@@ -1,0 +1,140 @@
+"""Baselines that share a vector or nothing: local, fedavg, lg-fedavg.
+
+Aggregation math on tiny inputs, then each strategy for a few rounds with the
+real ClientApp through the in-process grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from common import protocol as P
+from common.config import ConfigError, load_run_config
+from server_app.registry import ClientInfo
+from server_app.strategies.aggregate import class_mean, weighted_mean
+from server_app.strategies.averaging import SharedVectorMismatch
+from server_app.strategies.fedavg import FedAvg
+from server_app.strategies.lg_fedavg import LGFedAvg
+from tests.test_e2e import write_learnable_imagefolder
+from tests.test_strategy import base_config, run
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_learnable_imagefolder(tmp_path_factory.mktemp("folder"), 6, 24)
+
+
+def test_weighted_mean_by_hand():
+    a, b = np.array([1.0, 2.0]), np.array([4.0, 8.0])
+    np.testing.assert_allclose(weighted_mean([a, b], [1, 2]), [3.0, 6.0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        weighted_mean([a, np.zeros(3)], [1, 1])
+    with pytest.raises(ValueError, match="sum to > 0"):
+        weighted_mean([a, b], [0, 0])
+
+
+def test_class_mean_skips_clients_without_the_class():
+    t1 = np.array([[1.0, 1.0], [5.0, 5.0], [9.0, 9.0]])
+    t2 = np.array([[3.0, 3.0], [0.0, 0.0], [7.0, 7.0]])
+    c1, c2 = np.array([1, 3, 0]), np.array([3, 0, 0])
+    means, present = class_mean([t1, t2], [c1, c2])
+    np.testing.assert_allclose(means, [[2.0, 2.0], [5.0, 5.0], [0.0, 0.0]])
+    assert present.tolist() == [True, True, False]
+    weighted, _ = class_mean([t1, t2], [c1, c2], weighted=True)
+    np.testing.assert_allclose(weighted[0], [2.5, 2.5])  # (1*1 + 3*3) / 4
+
+
+def test_homogeneous_strategies_refuse_mixed_models():
+    for strategy in ("fedavg", "pfedhn"):
+        with pytest.raises(ConfigError, match=f"'models' = 'cnn,vgg8'.*'{strategy}'"):
+            load_run_config({"strategy": strategy, "models": "cnn,vgg8"})
+    assert load_run_config({"strategy": "fedavg", "models": "vgg8"})
+
+
+def reply(**arrays) -> RecordDict:
+    """A train reply with ``arrays`` and 1 example unless ``n`` says otherwise."""
+    n = arrays.pop("n", 1)
+    return RecordDict(
+        {
+            P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: n, P.LOSS: 0.0, P.SECONDS: 0.0}),
+        }
+    )
+
+
+def info(name: str) -> ClientInfo:
+    return ClientInfo(name, 1, 3, 1, 1, 2, 3)
+
+
+def test_averaging_by_hand():
+    """FedAvg: w - sum n_i d_i / sum n_i; LG-FedAvg: the weighted mean head;
+    a malformed reply is skipped without touching the vector."""
+    avg = FedAvg(load_run_config({"strategy": "fedavg"}))
+    avg.vector = np.array([1.0, 1.0, 1.0], np.float32)
+    avg.apply_train_replies(
+        1,
+        [
+            (info("a"), reply(delta=np.float32([1, 0, 0]), n=1)),
+            (info("b"), reply(delta=np.float32([0, 0, 3]), n=3)),
+            (info("c"), reply(delta=np.float32([0, 1]), n=5)),  # wrong length
+            (info("d"), reply(delta=np.float32([np.nan, 0, 0]), n=5)),
+        ],
+    )
+    np.testing.assert_allclose(avg.vector, [0.75, 1.0, -1.25])
+    lg = LGFedAvg(load_run_config({"strategy": "lg-fedavg"}))
+    lg.apply_train_replies(
+        1,
+        [
+            (info("a"), reply(head=np.float32([2, 0]), n=1)),
+            (info("b"), reply(head=np.float32([0, 4]), n=1)),
+        ],
+    )
+    np.testing.assert_allclose(lg.vector, [1.0, 2.0])
+
+
+def test_local_learns_and_keeps_each_model(folder, tmp_path):
+    config = base_config(folder, tmp_path, strategy="local", models="cnn,vgg8")
+    strategy, grid, _, rows = run(config | {"run-name": "local"}, 4)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] or rows[-1]["accuracy"] > 0.5
+    # Train messages carry no arrays; every node keeps its own parameters.
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(not m.content.array_records.get("arrays") for m in train)
+    assert all("model-params" in c.state for c in grid.contexts.values())
+    assert all(r["bytes_down"] == 0 for r in rows)
+
+
+def test_fedavg_global_model_is_the_weighted_mean(folder, tmp_path):
+    config = base_config(folder, tmp_path, strategy="fedavg", models="cnn")
+    config["num-server-rounds"] = 2
+    strategy, grid, _, rows = run(config | {"run-name": "avg"}, 3)
+    assert strategy.vector is not None and len(strategy.vector) == 234006 - 650 + 390
+    # Every client got the same vector in a round.
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    first = [m.content["arrays"]["theta"].numpy() for m in train[:3]]
+    assert all(np.array_equal(first[0], f) for f in first[1:])
+    assert rows[-1]["bytes_up"] > 0
+
+
+def test_lg_fedavg_shares_only_the_head(folder, tmp_path):
+    config = base_config(folder, tmp_path, strategy="lg-fedavg", models="cnn,resnet10")
+    strategy, grid, _, rows = run(config | {"run-name": "lg"}, 4)
+    assert strategy.vector.shape == (64 * 6 + 6,)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    later = [m for m in train if m.metadata.group_id == "3"]
+    assert all(m.content["arrays"]["head"].numpy().shape == (390,) for m in later)
+    # After evaluation every client's head is the global head.
+    for context in grid.contexts.values():
+        kept = context.state["model-params"]["theta"].numpy()
+        assert kept.size > 390
+    assert len(rows) == 3
+
+
+def test_lg_fedavg_refuses_heads_of_different_sizes(folder, tmp_path):
+    config = base_config(
+        folder, tmp_path, strategy="lg-fedavg", models="cnn,mobilenetv2"
+    )
+    with pytest.raises(SharedVectorMismatch, match="heads differ in size"):
+        run(config | {"run-name": "bad", "num-server-rounds": 1}, 2)
