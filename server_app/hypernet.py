@@ -21,6 +21,7 @@ Only the hypernetwork's state lives here; how replies update it is
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -88,7 +89,79 @@ class PositionHeads(nn.Module):
         return torch.bmm(grad_out.unsqueeze(1), self.weight).squeeze(1)
 
 
-class HyperNetwork(nn.Module):
+class ClientGenerator(nn.Module):
+    """What a strategy needs of a hypernetwork, whatever its architecture.
+
+    Subclasses hold ``extractor`` (shared layers), ``heads`` (an
+    ``nn.ModuleDict`` keyed by integer strings), ``embeddings`` (an
+    ``nn.ParameterDict`` by client name) and ``num_params`` (client name ->
+    ``K``), and implement :meth:`add_client`, :meth:`forward`, :meth:`head_of`,
+    :meth:`chunks_of` and :meth:`_shape` (the hyperparameters a saved file must
+    match, named by :attr:`shape_names`).
+    """
+
+    #: The run-config keys behind :meth:`_shape`, for error messages.
+    shape_names: ClassVar[str] = ""
+
+    def head_of(self, name: str) -> str:
+        raise NotImplementedError
+
+    def chunks_of(self, name: str) -> int:
+        raise NotImplementedError
+
+    def _shape(self) -> list:
+        raise NotImplementedError
+
+    def accumulate_vjp(self, name: str, delta: torch.Tensor) -> None:
+        """Add ``(d theta_name / d phi)^T delta`` to the ``.grad`` of the parameters."""
+        self(name).backward(delta)
+
+    @torch.no_grad()
+    def generate(self, name: str) -> torch.Tensor:
+        """``theta`` without autograd, as float32 on the CPU (ready to send)."""
+        return self(name).detach().to("cpu", torch.float32)
+
+    # -- persistence ----------------------------------------------------------------
+    def save(self, path) -> None:
+        """Write the parameters and the client sizes (``hypernet-from`` reads it)."""
+        torch.save(
+            {
+                "state": self.state_dict(),
+                "num_params": dict(self.num_params),
+                "shape": self._shape(),
+            },
+            path,
+        )
+
+    def load_trained(self, path, skip: set[str] = frozenset()) -> set[str]:
+        """Copy the extractor, the heads and the embeddings of known names.
+
+        Entries the file lacks (new chunk counts, new clients) and the embeddings
+        named in ``skip`` keep their fresh initialisation. Returns the keys of the
+        heads that were loaded.
+        """
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["shape"] != self._shape():
+            raise ValueError(
+                f"hypernet-from {path}: saved with {self.shape_names} = "
+                f"{saved['shape']}; this run uses {self._shape()}"
+            )
+        own = self.state_dict()
+        heads = set()
+        with torch.no_grad():
+            for key, value in saved["state"].items():
+                group, _, rest = key.partition(".")
+                if key not in own or own[key].shape != value.shape:
+                    continue
+                if group == "embeddings" and rest in skip:
+                    continue
+                own[key].copy_(value)
+                if group == "heads":
+                    heads.add(rest.split(".")[0])
+        return heads
+
+
+class HyperNetwork(ClientGenerator):
     """Generates every registered client's flat parameter vector.
 
     Parameters
@@ -98,6 +171,8 @@ class HyperNetwork(nn.Module):
     embed_init_std : float
         Standard deviation of the embedding initialisation (paper: 0.002).
     """
+
+    shape_names = "embed-dim, hidden-dim, hidden-layers, chunk-size"
 
     def __init__(
         self,
@@ -193,51 +268,6 @@ class HyperNetwork(nn.Module):
         if features.requires_grad:
             features.backward(grad_features)
 
-    @torch.no_grad()
-    def generate(self, name: str) -> torch.Tensor:
-        """``theta`` without autograd, as float32 on the CPU (ready to send)."""
-        return self(name).detach().to("cpu", torch.float32)
-
-    # -- persistence ----------------------------------------------------------------
-    def save(self, path) -> None:
-        """Write the parameters and the client sizes (``hypernet-from`` reads it)."""
-        torch.save(
-            {
-                "state": self.state_dict(),
-                "num_params": dict(self.num_params),
-                "shape": self._shape(),
-            },
-            path,
-        )
-
     def _shape(self) -> list[int]:
         layers = sum(isinstance(m, nn.Linear) for m in self.extractor)
         return [self.embed_dim, self.hidden_dim, layers, self.chunk_size]
-
-    def load_trained(self, path, skip: set[str] = frozenset()) -> set[str]:
-        """Copy the extractor, the heads and the embeddings of known names.
-
-        Entries the file lacks (new chunk counts, new clients) and the embeddings
-        named in ``skip`` keep their fresh initialisation. Returns the keys of the
-        heads that were loaded.
-        """
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved["shape"] != self._shape():
-            raise ValueError(
-                f"hypernet-from {path}: saved with embed-dim, hidden-dim, "
-                f"hidden-layers, chunk-size = {saved['shape']}; this run uses "
-                f"{self._shape()}"
-            )
-        own = self.state_dict()
-        heads = set()
-        with torch.no_grad():
-            for key, value in saved["state"].items():
-                group, _, rest = key.partition(".")
-                if key not in own or own[key].shape != value.shape:
-                    continue
-                if group == "embeddings" and rest in skip:
-                    continue
-                own[key].copy_(value)
-                if group == "heads":
-                    heads.add(rest.split(".")[0])
-        return heads

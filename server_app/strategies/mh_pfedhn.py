@@ -72,13 +72,7 @@ class MHPFedHN(HeteroStrategy):
         self.device = cfg.torch_device()
         self.torch_gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.hn = HyperNetwork(
-            embed_dim=cfg.embed_dim,
-            hidden_dim=cfg.hidden_dim,
-            hidden_layers=cfg.hidden_layers,
-            chunk_size=cfg.chunk_size,
-            embed_init_std=cfg.embed_init_std,
-        ).to(self.device)
+        self.hn = self.build_hypernetwork()
         self.optimizer: torch.optim.Optimizer | None = None
         # theta_i of the current hypernetwork state: evaluation after round r and
         # training in round r+1 send the same vectors; any update clears it.
@@ -86,13 +80,26 @@ class MHPFedHN(HeteroStrategy):
         self.loaded_heads: set[str] = set()
 
     # -- state ------------------------------------------------------------------------
+    def build_hypernetwork(self) -> HyperNetwork:
+        """The hypernetwork (before any client is registered)."""
+        cfg = self.cfg
+        return HyperNetwork(
+            embed_dim=cfg.embed_dim,
+            hidden_dim=cfg.hidden_dim,
+            hidden_layers=cfg.hidden_layers,
+            chunk_size=cfg.chunk_size,
+            embed_init_std=cfg.embed_init_std,
+        ).to(self.device)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The hypernetwork optimizer: Adam with ``hn-lr`` (PAPER.md)."""
+        return torch.optim.Adam(params, lr=self.cfg.hn_lr, fused=True)
+
     def register(self, name: str, num_params: int) -> None:
         """Add a client (and a head for a new chunk count) to the hypernetwork."""
         created = self.hn.add_client(name, num_params, generator=self.torch_gen)
         if self.optimizer is None:
-            self.optimizer = torch.optim.Adam(
-                self.hn.parameters(), lr=self.cfg.hn_lr, fused=True
-            )
+            self.optimizer = self.make_optimizer(self.hn.parameters())
         elif created:
             self.optimizer.add_param_group({"params": created})
 
