@@ -117,9 +117,13 @@ class RunConfig(BaseModel):
     pfedhn_embed_dim: int = Field(0, ge=0)
     pfedhn_hidden_dim: int = Field(100, ge=1)
 
-    # Results
+    # Results, checkpoints and robustness
     results_dir: str = "~/mh-pfedhn-results"
     run_name: str = ""
+    checkpoint_every: int = Field(10, ge=0)
+    resume_from: str = ""
+    max_delta_norm: float = Field(0.0, ge=0.0)
+    min_train_clients: int = Field(1, ge=1)
 
     @field_validator("dataset")
     @classmethod

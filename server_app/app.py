@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ConfigError, load_run_config
 
+from .checkpoint import check_compatible, checkpoint_path, read_checkpoint
 from .registry import HandshakeError
 from .results import RunResults
 from .strategies import build_strategy
@@ -20,16 +21,24 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured strategy for ``num-server-rounds`` rounds."""
+    checkpoint = None
     try:
         cfg = load_run_config(context.run_config)
         strategy = build_strategy(cfg)
+        if cfg.resume_from:  # checked before anything is written
+            path = checkpoint_path(cfg.resume_from)
+            checkpoint = read_checkpoint(path)
+            check_compatible(checkpoint, cfg, path)
     except ConfigError as err:
         log(ERROR, "Invalid configuration: %s", err)
         raise
-    results = RunResults.create(cfg)
+    if checkpoint is None:
+        results = RunResults.create(cfg)
+    else:
+        results = RunResults.reopen(path.parent, cfg, checkpoint["metrics"])
     log(INFO, "Results directory: %s", results.path)
     try:
-        strategy.start(grid, results)
+        strategy.start(grid, results, checkpoint)
     except HandshakeError as err:
         log(ERROR, "%s", err)
         raise

@@ -58,6 +58,24 @@ class RunResults:
         _write_json(path / "config.json", cfg.flat())
         return results
 
+    @classmethod
+    def reopen(
+        cls, path: Path, cfg: RunConfig, records: list[dict[str, Any]]
+    ) -> RunResults:
+        """Continue a run's directory from a checkpoint holding ``records``.
+
+        ``metrics.jsonl`` is rewritten to exactly those rows (rows written after
+        the checkpoint are dropped: they are computed again), and
+        ``config.json`` takes the resumed run's config.
+        """
+        results = cls(path)
+        results.records = list(records)
+        tmp = path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path / "metrics.jsonl")
+        _write_json(path / "config.json", cfg.flat())
+        return results
+
     def write_clients(self, clients: list[dict[str, Any]]) -> None:
         _write_json(self.path / "clients.json", clients)
 

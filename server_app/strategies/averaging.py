@@ -37,6 +37,7 @@ class AveragingStrategy(HeteroStrategy):
     up_is_delta: ClassVar[bool] = False
     #: What the vector is, for messages ("global model", "head", ...).
     what: ClassVar[str] = "shared vector"
+    checkpoint_attributes = ("vector",)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -27,6 +27,7 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -42,6 +43,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from common import protocol as P
 from common.config import RunConfig
 
+from ..checkpoint import CHECKPOINT_FILE, FORMAT, pack, unpack, write_checkpoint
 from ..exchange import error_text, exchange
 from ..registry import (
     ClientInfo,
@@ -73,6 +75,9 @@ class HeteroStrategy(Strategy):
 
     #: Name under which the strategy is registered (``strategy = "<name>"``).
     name: ClassVar[str] = ""
+    #: Attributes that hold learned or random state, saved in checkpoints
+    #: (modules and optimizers by ``state_dict``, arrays, generators, values).
+    checkpoint_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -157,6 +162,76 @@ class HeteroStrategy(Strategy):
     def summary(self) -> None:
         """Log the strategy's configuration."""
         log(INFO, "Strategy %s with %d clients", self.name, len(self.clients))
+
+    # -- checkpoints ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Random generators and every attribute in :attr:`checkpoint_attributes`."""
+        state = {
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+        for attr in self.checkpoint_attributes:
+            state[attr] = pack(getattr(self, attr))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after :meth:`setup` built the structure)."""
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        for attr in self.checkpoint_attributes:
+            setattr(self, attr, unpack(state[attr], getattr(self, attr)))
+
+    def save_checkpoint(
+        self, results: RunResults, server_round: int, waiting: dict[str, Any] | None
+    ) -> None:
+        """Write ``checkpoint.pt`` when ``checkpoint-every`` says so."""
+        every, last = self.cfg.checkpoint_every, self.cfg.num_server_rounds
+        due = server_round % every == 0 or server_round == last if every else False
+        if not due or self.phase != "train":
+            return
+        start = time.perf_counter()
+        write_checkpoint(
+            results.path / CHECKPOINT_FILE,
+            {
+                "format": FORMAT,
+                "strategy": self.name,
+                "config": self.cfg.flat(),
+                "round": server_round,
+                "waiting": waiting,
+                "metrics": list(results.records),
+                "clients": [
+                    {k: v for k, v in c.to_json().items() if k != "node_id"}
+                    for c in self.clients
+                ],
+                "state": self.state_dict(),
+            },
+        )
+        log(INFO, "round %d: checkpoint written in %.2f s", server_round,
+            time.perf_counter() - start)  # fmt: skip
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the registry and the state of a checkpoint, then add newcomers.
+
+        Clients of the checkpoint take the node ids of the live handshake; one
+        that is not connected keeps its state and waits (node id 0) until it
+        reconnects. A live client the checkpoint does not know joins fresh.
+        """
+        saved = ClientRegistry(
+            ClientInfo(**(c | {"node_id": 0})) for c in checkpoint["clients"]
+        )
+        live = self.clients
+        newcomers = [c for c in live if c.name not in saved]
+        saved.merge(ClientRegistry(c for c in live if c.name in saved), set())
+        self.clients = saved
+        self.setup(saved)
+        self.load_state_dict(checkpoint["state"])
+        for info in newcomers:
+            saved.add(info)
+            self.register(info.name, info.num_params)
+        absent = [c.name for c in saved if c.node_id == 0]
+        if absent:
+            log(WARNING, "resumed without clients %s; they rejoin when they "
+                "reconnect", absent)  # fmt: skip
 
     # -- Flower's Strategy hooks -------------------------------------------------
     def messages_for(
@@ -322,10 +397,17 @@ class HeteroStrategy(Strategy):
         )
 
     def start(  # type: ignore[override]
-        self, grid: Grid, results: RunResults
+        self,
+        grid: Grid,
+        results: RunResults,
+        checkpoint: dict[str, Any] | None = None,
     ) -> Result:
         """Handshake, ``num-server-rounds`` rounds of train (+ evaluate), then
-        whatever the strategy does after training (:meth:`after_training`)."""
+        whatever the strategy does after training (:meth:`after_training`).
+
+        With a ``checkpoint`` (``resume-from``) the rounds continue after the
+        checkpoint's round, from its exact state.
+        """
         cfg = self.cfg
         nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
         self.clients = handshake(grid, nodes, cfg.round_timeout)
@@ -335,13 +417,23 @@ class HeteroStrategy(Strategy):
                 f"{cfg.train_clients} and every client reported itself novel"
             )
         start = time.perf_counter()
-        self.setup(self.clients)
+        first, waiting = 1, None
+        if checkpoint is None:
+            self.setup(self.clients)
+        else:
+            self.restore(checkpoint)
+            first, waiting = checkpoint["round"] + 1, checkpoint["waiting"]
+            log(INFO, "Resuming after round %d", checkpoint["round"])
         self.server_seconds += time.perf_counter() - start
         self.write_clients(results)
         self.summary()
         result = Result()
         self.phase = "train"
-        self.run_rounds(grid, results, result, 1, cfg.num_server_rounds)
+        self.run_rounds(grid, results, result, first, cfg.num_server_rounds, waiting)
+        if waiting is not None and first > cfg.num_server_rounds:
+            # Resumed at the very end: the last round's evaluation is still due.
+            self.finish_round(results, result, waiting, self.evaluate_now(grid,
+                              waiting["round"]))  # fmt: skip
         self.after_training(grid, results, result)
         return result
 
@@ -386,9 +478,17 @@ class HeteroStrategy(Strategy):
 
     @property
     def phase_names(self) -> list[str]:
-        """Clients taking part in the current phase: training or novel clients."""
+        """Connected clients of the current phase: training or novel clients.
+
+        (Node id 0 marks a client restored from a checkpoint that has not
+        reconnected yet.)
+        """
         novel = self.phase == "novel"
-        return [n for n in self.clients.names if self.clients[n].novel == novel]
+        return [
+            n
+            for n in self.clients.names
+            if self.clients[n].novel == novel and self.clients[n].node_id != 0
+        ]
 
     def evaluate_now(self, grid: Grid, server_round: int) -> dict[str, Any] | None:
         """One evaluation exchange with the current phase's clients."""
@@ -401,12 +501,21 @@ class HeteroStrategy(Strategy):
         return self.last_eval
 
     def run_rounds(
-        self, grid: Grid, results: RunResults, result: Result, first: int, last: int
+        self,
+        grid: Grid,
+        results: RunResults,
+        result: Result,
+        first: int,
+        last: int,
+        waiting: dict[str, Any] | None = None,
     ) -> None:
-        """Rounds ``first .. last`` of the current phase, evaluated as configured."""
+        """Rounds ``first .. last`` of the current phase, evaluated as configured.
+
+        ``waiting`` is the record of the round before ``first`` when its
+        evaluation is still due (it rides on round ``first``'s messages).
+        """
         cfg = self.cfg
         self.last_round = last
-        waiting: dict[str, Any] | None = None  # a round awaiting its evaluation
         for rnd in range(first, last + 1):
             t0 = time.perf_counter()
             self.server_seconds = 0.0
@@ -427,12 +536,13 @@ class HeteroStrategy(Strategy):
             if rnd % cfg.eval_every and rnd != last:
                 log(INFO, "round %d/%d | train loss %.4f | %.2f s", rnd, last,
                     record["train_loss"], record["train_seconds"])  # fmt: skip
-                continue
-            if self.carries_evaluation(rnd):
+            elif self.carries_evaluation(rnd):
                 waiting = self.round_costs(record, t0)
-                continue
-            evaluation = self.evaluate_now(grid, rnd)
-            self.finish_round(results, result, self.round_costs(record, t0), evaluation)
+            else:
+                evaluation = self.evaluate_now(grid, rnd)
+                record = self.round_costs(record, t0)
+                self.finish_round(results, result, record, evaluation)
+            self.save_checkpoint(results, rnd, waiting)
 
     def round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
         return record | {

@@ -67,6 +67,8 @@ HYPERNET_FILE = "hypernet.pt"
 class MHPFedHN(HeteroStrategy):
     """The hypernetwork strategy; see the module docstring for the math."""
 
+    checkpoint_attributes = ("hn", "optimizer", "torch_gen")
+
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         self.device = cfg.torch_device()

@@ -1,0 +1,169 @@
+"""Checkpoints: the complete server state of a run, written atomically.
+
+``<run dir>/checkpoint.pt`` holds one dictionary (``torch.save``, read back with
+``weights_only=True``, so loading never executes code):
+
+``format``
+    :data:`FORMAT`, bumped when the layout changes.
+``strategy``, ``config``
+    The strategy name and the resolved run config (dash-case keys) of the run.
+``round``
+    The last training round whose update is in the state.
+``waiting``
+    That round's record when its evaluation rides on the next round's messages
+    (carried evaluation), else ``None``.
+``metrics``
+    Every row written to ``metrics.jsonl`` so far.
+``clients``
+    The registry (names, sizes, example counts); node ids are not kept.
+``state``
+    :meth:`HeteroStrategy.state_dict`: random generators, and every attribute the
+    strategy lists in ``checkpoint_attributes`` (hypernetwork, optimizer,
+    prototypes, ...).
+
+A write goes to ``checkpoint.pt.tmp``, is flushed to disk, and then renamed over
+the old file: the previous checkpoint stays complete until the new one is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import ConfigError, RunConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT = 1
+
+#: Run-config keys a resumed run may change; every other key must match.
+MAY_DIFFER = frozenset(
+    {
+        "num-server-rounds",
+        "checkpoint-every",
+        "resume-from",
+        "round-timeout",
+        "results-dir",
+        "run-name",
+        "data-dir",
+        "download",
+        "device",
+        "min-clients",
+        "novel-rounds",
+    }
+)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used; the message names the file and the mismatch."""
+
+
+def checkpoint_path(resume_from: str) -> Path:
+    """The checkpoint file named by ``resume-from`` (a run directory or a file)."""
+    path = Path(resume_from).expanduser().resolve()
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"run-config key 'resume-from' = {resume_from!r} is not allowed: no "
+            f"checkpoint at {path}; give a run directory holding {CHECKPOINT_FILE} "
+            "or the checkpoint file itself"
+        )
+    return path
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint; a truncated or foreign file raises CheckpointError."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or not a checkpoint of "
+            f"this app): {type(err).__name__}: {err}"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise CheckpointError(
+            f"checkpoint {path} has format {found!r}; this version reads {FORMAT}"
+        )
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint of another strategy or an incompatible config."""
+    if payload["strategy"] != cfg.strategy:
+        raise CheckpointError(
+            f"checkpoint {path} was written by strategy '{payload['strategy']}'; "
+            f"this run uses '{cfg.strategy}'"
+        )
+    saved, now = payload["config"], cfg.flat()
+    differ = [
+        f"{key} (checkpoint {saved.get(key)!r}, now {value!r})"
+        for key, value in now.items()
+        if key not in MAY_DIFFER and saved.get(key) != value
+    ]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} comes from an incompatible run config: "
+            + "; ".join(differ)
+            + f". Only these keys may change on resume: {', '.join(sorted(MAY_DIFFER))}"
+        )
+    if payload["round"] > cfg.num_server_rounds:
+        raise CheckpointError(
+            f"checkpoint {path} is at round {payload['round']}, beyond "
+            f"num-server-rounds = {cfg.num_server_rounds}"
+        )
+
+
+# -- strategy attributes <-> checkpoint values --------------------------------------
+def pack(value: Any) -> Any:
+    """A checkpoint-safe form of a strategy attribute (tensors and plain values)."""
+    if isinstance(value, nn.Module | torch.optim.Optimizer):
+        return {"__state_dict__": value.state_dict()}
+    if isinstance(value, torch.Generator):
+        return {"__generator__": value.get_state()}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.array(value))}
+    if isinstance(value, dict):
+        return {"__dict__": {k: pack(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"__list__": [pack(v) for v in value]}
+    return value
+
+
+def unpack(saved: Any, current: Any) -> Any:
+    """The attribute value for ``saved``; modules and optimizers load in place."""
+    if isinstance(saved, dict) and len(saved) == 1:
+        ((tag, inner),) = saved.items()
+        if tag == "__state_dict__":
+            current.load_state_dict(inner)
+            return current
+        if tag == "__generator__":
+            current.set_state(inner)
+            return current
+        if tag == "__ndarray__":
+            return inner.numpy()
+        if tag == "__dict__":
+            return {
+                k: unpack(
+                    v, (current or {}).get(k) if isinstance(current, dict) else None
+                )
+                for k, v in inner.items()
+            }
+        if tag == "__list__":
+            return [unpack(v, None) for v in inner]
+    return saved
