@@ -61,7 +61,9 @@ class AveragingStrategy(HeteroStrategy):
         shape = None if self.vector is None else self.vector.shape
         uploads = []
         for client, content in replies:
-            value = self.reply_array(client, content, self.up_key, shape)
+            value = self.reply_array(
+                client, content, self.up_key, shape, update=self.up_is_delta
+            )
             if value is not None and value.ndim == 1:
                 uploads.append((client.name, value, self.num_examples(content)))
         if not uploads:

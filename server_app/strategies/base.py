@@ -93,6 +93,8 @@ class HeteroStrategy(Strategy):
         self.phase = "train"  # or "novel": clients that join after training
         self._refused_nodes: set[int] = set()
         self.last_round = cfg.num_server_rounds
+        self.current_round = 0
+        self.rejected = 0  # replies rejected in the current round
 
     # -- what a strategy implements ----------------------------------------------
     @abstractmethod
@@ -119,34 +121,41 @@ class HeteroStrategy(Strategy):
         content: RecordDict,
         key: str,
         shape: tuple[int, ...] | None = None,
+        update: bool = False,
     ) -> np.ndarray | None:
-        """Array ``key`` of a reply as float32, or ``None`` (logged) if unusable.
+        """Array ``key`` of a reply as float32, or ``None`` (logged, counted).
 
         Rejected: a missing array, a non-floating dtype, a shape other than
-        ``shape`` (when given), NaN or Inf. Nothing of the server state is
+        ``shape`` (when given), NaN or Inf, and for an ``update`` (a delta) an L2
+        norm above ``max-delta-norm`` (when set). Nothing of the server state is
         touched here, so a rejected reply changes nothing.
         """
         try:
             value = content[P.ARRAYS][key].numpy()
         except (KeyError, TypeError, ValueError) as err:
-            log(WARNING, "client %s: reply has no usable %s (%s)", client.name, key,
-                err)  # fmt: skip
+            self.reject(client.name, "train", f"no usable array '{key}' ({err})")
             return None
         if not np.issubdtype(value.dtype, np.floating) or (
             shape is not None and value.shape != shape
         ):
-            log(
-                WARNING,
-                "client %s: %s of shape %s and dtype %s rejected; expected %s floating",
+            expected = f"shape {shape}" if shape is not None else "any shape"
+            self.reject(
                 client.name,
-                key,
-                value.shape,
-                value.dtype,
-                shape if shape is not None else "any shape,",
+                "train",
+                f"array '{key}' has shape {value.shape} and dtype {value.dtype}; "
+                f"expected {expected}, floating",
             )
             return None
         if not np.isfinite(value).all():
-            log(WARNING, "client %s: %s holds NaN or Inf; rejected", client.name, key)
+            self.reject(client.name, "train", f"array '{key}' holds NaN or Inf")
+            return None
+        limit = self.cfg.max_delta_norm
+        if update and limit and (norm := float(np.linalg.norm(value))) > limit:
+            self.reject(
+                client.name,
+                "train",
+                f"array '{key}' has norm {norm:.4g} > max-delta-norm = {limit}",
+            )
             return None
         return value.astype(np.float32, copy=False)
 
@@ -292,35 +301,73 @@ class HeteroStrategy(Strategy):
         """One message per client of the current phase."""
         return self.messages_for(self.phase_names, server_round, MessageType.EVALUATE)
 
+    #: Metrics a reply must carry (finite, non-negative), by message kind.
+    REQUIRED_METRICS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": (P.NUM_EXAMPLES, P.LOSS, P.SECONDS),
+        "evaluate": (P.NUM_EXAMPLES, P.CORRECT, P.LOSS),
+    }
+
+    def reject(self, name: str, kind: str, reason: str) -> None:
+        """Log and count one rejected reply (``rejected_replies`` in the metrics)."""
+        self.rejected += 1
+        log(WARNING, "round %d: %s reply from %s rejected: %s", self.current_round,
+            kind, name, reason)  # fmt: skip
+
+    def metrics_problem(self, content: RecordDict, kind: str) -> str | None:
+        """Why a reply's metrics are unusable, or ``None`` when they are fine."""
+        record = P.METRICS if kind != "carried" else P.EVAL_METRICS
+        try:
+            metrics = content[record]
+        except (KeyError, TypeError):
+            return f"no '{record}' record"
+        for key in self.REQUIRED_METRICS["evaluate" if kind == "carried" else kind]:
+            value = metrics.get(key)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                return f"metric '{key}' is missing or not a number ({value!r})"
+            if not np.isfinite(value) or value < 0:
+                return f"metric '{key}' = {value} must be finite and >= 0"
+        return None
+
     def _valid_replies(
         self, server_round: int, replies: Iterable[Message], kind: str
     ) -> list[tuple[ClientInfo, RecordDict]]:
-        """Keep replies without error from known clients (sorted by name)."""
+        """Keep well-formed replies from known clients (sorted by name).
+
+        Rejected (logged with client, round and reason, and counted): error
+        replies, replies from a node the registry does not know or whose claimed
+        client name belongs to another node, and replies whose required metrics
+        are missing, not finite or negative. A carried evaluation with bad
+        metrics is dropped from an otherwise good train reply.
+        """
         valid = []
         for reply in replies:
             node_id = reply.metadata.src_node_id
             name = self.clients.name_of(node_id)
             if name is None:
-                log(
-                    WARNING,
-                    "round %d: %s reply from unknown node %s ignored",
-                    server_round,
-                    kind,
-                    node_id,
-                )
+                self.reject(f"unknown node {node_id}", kind, "not in the registry")
                 continue
             if reply.has_error():
-                log(
-                    WARNING,
-                    "round %d: %s failed on %s: %s",
-                    server_round,
-                    kind,
-                    name,
-                    error_text(reply),
-                )
+                self.reject(name, kind, error_text(reply))
                 continue
-            self.bytes_up += payload_bytes(reply.content)
-            valid.append((self.clients[name], reply.content))
+            content = reply.content
+            try:
+                claimed = str(content[P.INFO][P.CLIENT_NAME])
+            except (KeyError, TypeError):
+                claimed = None
+            if claimed != name:
+                self.reject(name, kind, f"it claims client name {claimed!r}, but "
+                            f"node {node_id} belongs to '{name}'")  # fmt: skip
+                continue
+            problem = self.metrics_problem(content, kind)
+            if problem:
+                self.reject(name, kind, problem)
+                continue
+            if P.EVAL_METRICS in content and self.metrics_problem(content, "carried"):
+                self.reject(name, "carried evaluation",
+                            self.metrics_problem(content, "carried"))  # fmt: skip
+                del content[P.EVAL_METRICS]
+            self.bytes_up += payload_bytes(content)
+            valid.append((self.clients[name], content))
         # Replies arrive in any order; results must not depend on it.
         return sorted(valid, key=lambda pair: pair[0].name)
 
@@ -330,8 +377,12 @@ class HeteroStrategy(Strategy):
         """Apply the replies to the strategy's state; return mean train metrics."""
         valid = self._valid_replies(server_round, replies, "train")
         start = time.perf_counter()
-        if valid:
+        if len(valid) >= self.cfg.min_train_clients:
             self.apply_train_replies(server_round, valid)
+        else:
+            log(WARNING, "round %d: %d usable train replies, fewer than "
+                "min-train-clients = %d; the update is skipped", server_round,
+                len(valid), self.cfg.min_train_clients)  # fmt: skip
         self.server_seconds += time.perf_counter() - start
         return None, self.summarise_train(valid)
 
@@ -518,6 +569,7 @@ class HeteroStrategy(Strategy):
         self.last_round = last
         for rnd in range(first, last + 1):
             t0 = time.perf_counter()
+            self.current_round, self.rejected = rnd, 0
             self.server_seconds = 0.0
             self.bytes_down = self.bytes_up = 0
             self.admit_new_nodes(grid, results)
@@ -531,6 +583,7 @@ class HeteroStrategy(Strategy):
             record = {
                 "round": rnd,
                 **self.last_train_metrics,
+                "rejected_replies": self.rejected,
                 "train_seconds": time.perf_counter() - t0,
             }
             if rnd % cfg.eval_every and rnd != last:

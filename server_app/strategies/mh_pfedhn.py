@@ -169,7 +169,7 @@ class MHPFedHN(HeteroStrategy):
         (default: the client's own).
         """
         expected = (self.hn.num_params[of or client.name],)
-        delta = self.reply_array(client, content, key, expected)
+        delta = self.reply_array(client, content, key, expected, update=True)
         return None if delta is None else torch.from_numpy(delta)
 
     def absorb(self, client: ClientInfo, content: RecordDict) -> None:

@@ -1,0 +1,194 @@
+"""Every reply is validated before it touches the server state.
+
+A property-based test throws malformed train replies at MH-pFedHN (sequential and
+mean paths) and at FedAvg: each is rejected and counted, and the hypernetwork,
+optimizer and embeddings (or the global model) stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common import protocol as P
+from common.config import load_run_config
+from server_app.registry import ClientInfo, ClientRegistry
+from server_app.strategies.fedavg import FedAvg
+from server_app.strategies.mh_pfedhn import MHPFedHN
+
+SIZES = {"a": 50, "b": 70}
+NODES = {"a": 11, "b": 12}
+
+
+def registry() -> ClientRegistry:
+    return ClientRegistry(
+        ClientInfo(name, NODES[name], k, 10, 5, 3, 1) for name, k in SIZES.items()
+    )
+
+
+@pytest.fixture(scope="module")
+def hn_strategy() -> MHPFedHN:
+    cfg = load_run_config({"chunk-size": 16, "max-delta-norm": 100.0})
+    strategy = MHPFedHN(cfg)
+    strategy.clients = registry()
+    strategy.setup(strategy.clients)
+    # One real step so that the optimizer has state to compare.
+    strategy.hn_step([("a", torch.ones(50), 1.0)])
+    return strategy
+
+
+def reply(
+    name: str = "a",
+    node: int | None = None,
+    delta: object = "good",
+    metrics: dict | None = None,
+    claimed: str | None = None,
+    error: bool = False,
+) -> Message:
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    sent = Message(
+        RecordDict(),
+        dst_node_id=NODES.get(name, 99) if node is None else node,
+        message_type=MessageType.TRAIN,
+    )
+    if error:
+        return Message(Error(code=0, reason="boom"), reply_to=sent)
+    content = RecordDict(
+        {
+            P.INFO: ConfigRecord({P.CLIENT_NAME: claimed or name}),
+            P.METRICS: MetricRecord(
+                metrics
+                if metrics is not None
+                else {P.NUM_EXAMPLES: 10, P.LOSS: 1.0, P.SECONDS: 0.1}
+            ),
+        }
+    )
+    if isinstance(delta, str) and delta == "good":
+        delta = np.full(SIZES.get(name, 50), 0.01, np.float32)
+    if delta is not None:
+        content[P.ARRAYS] = ArrayRecord({P.DELTA: Array(np.asarray(delta))})
+    return Message(content, reply_to=sent)
+
+
+def bad_delta(size: int):
+    """Deltas that must be refused: wrong length/shape/dtype, NaN/Inf, huge."""
+    wrong_length = (
+        st.integers(0, 200)
+        .filter(lambda n: n != size)
+        .map(lambda n: np.zeros(n, np.float32))
+    )
+    with_nonfinite = st.tuples(
+        st.integers(0, size - 1), st.sampled_from([np.nan, np.inf, -np.inf])
+    ).map(lambda t: np.where(np.arange(size) == t[0], t[1], 0.0).astype(np.float32))
+    huge = st.floats(15.0, 1e30).map(lambda v: np.full(size, v, np.float32))
+    return st.one_of(
+        wrong_length,
+        with_nonfinite,
+        huge,  # norm >= 15 * sqrt(50) > max-delta-norm = 100
+        st.just(np.zeros((size, 1), np.float32)),
+        st.just(np.zeros(size, np.int64)),
+        st.just(None),  # no arrays record at all
+    )
+
+
+bad_metrics = st.one_of(
+    st.just({}),
+    st.just({P.LOSS: 1.0, P.SECONDS: 0.1}),
+    st.sampled_from([P.NUM_EXAMPLES, P.LOSS, P.SECONDS]).flatmap(
+        lambda key: st.sampled_from([-1.0, float("nan"), float("inf")]).map(
+            lambda v: {P.NUM_EXAMPLES: 10, P.LOSS: 1.0, P.SECONDS: 0.1, key: v}
+        )
+    ),
+)
+
+malformed = st.one_of(
+    bad_delta(SIZES["a"]).map(lambda d: reply(delta=d)),
+    bad_metrics.map(lambda m: reply(metrics=m)),
+    st.just(reply(error=True)),
+    st.just(reply(name="ghost", node=99)),  # unknown node
+    st.just(reply(name="a", claimed="b")),  # a's node claims b's name
+    st.just(reply(name="a", node=NODES["b"])),  # b's node claims to be a
+)
+
+
+def snapshot(strategy: MHPFedHN):
+    return (
+        {k: v.clone() for k, v in strategy.hn.state_dict().items()},
+        copy.deepcopy(strategy.optimizer.state_dict()),
+    )
+
+
+def assert_same(before, after) -> None:
+    for key, value in before[0].items():
+        assert torch.equal(value, after[0][key]), key
+    old, new = before[1]["state"], after[1]["state"]
+    assert old.keys() == new.keys()
+    for index, entry in old.items():
+        for name, value in entry.items():
+            assert torch.equal(value, new[index][name]), (index, name)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(message=malformed, mode=st.sampled_from(["sequential", "mean"]))
+def test_malformed_replies_change_nothing(hn_strategy, message, mode):
+    strategy = hn_strategy
+    before = snapshot(strategy)
+    strategy.rejected = 0
+    valid = strategy._valid_replies(1, [message], "train")
+    if mode == "sequential":
+        for client, content in valid:
+            strategy.absorb(client, content)
+    elif valid:
+        strategy.apply_train_replies(1, valid)
+    assert strategy.rejected == 1
+    assert_same(before, snapshot(strategy))
+
+
+def test_a_good_reply_still_updates(hn_strategy):
+    before = snapshot(hn_strategy)
+    valid = hn_strategy._valid_replies(1, [reply()], "train")
+    assert len(valid) == 1
+    hn_strategy.absorb(*valid[0])
+    changed = hn_strategy.hn.state_dict()["embeddings.a"]
+    assert not torch.equal(before[0]["embeddings.a"], changed)
+
+
+@settings(max_examples=30, deadline=None)
+@given(delta=bad_delta(SIZES["a"]))
+def test_fedavg_ignores_bad_deltas(delta):
+    strategy = FedAvg(load_run_config({"strategy": "fedavg", "max-delta-norm": 100}))
+    strategy.clients = registry()
+    strategy.vector = np.arange(50, dtype=np.float32)
+    valid = strategy._valid_replies(1, [reply(delta=delta)], "train")
+    strategy.apply_train_replies(1, valid)
+    assert np.array_equal(strategy.vector, np.arange(50, dtype=np.float32))
+
+
+def test_too_few_replies_skip_the_update(monkeypatch):
+    cfg = load_run_config({"strategy": "fedavg", "min-train-clients": 2})
+    strategy = FedAvg(cfg)
+    strategy.clients = registry()
+    strategy.vector = np.zeros(50, np.float32)
+    strategy.aggregate_train(1, [reply(), reply(error=True)])
+    assert np.array_equal(strategy.vector, np.zeros(50, np.float32))
+    assert strategy.rejected == 1
