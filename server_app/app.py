@@ -26,7 +26,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_run_config(context.run_config)
         strategy = build_strategy(cfg)
         if cfg.resume_from:  # checked before anything is written
-            path = checkpoint_path(cfg.resume_from)
+            path = checkpoint_path(cfg.resume_from, cfg.results_dir)
             checkpoint = read_checkpoint(path)
             check_compatible(checkpoint, cfg, path)
     except ConfigError as err:

@@ -62,18 +62,29 @@ class CheckpointError(ConfigError):
     """A checkpoint cannot be used; the message names the file and the mismatch."""
 
 
-def checkpoint_path(resume_from: str) -> Path:
-    """The checkpoint file named by ``resume-from`` (a run directory or a file)."""
-    path = Path(resume_from).expanduser().resolve()
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"run-config key 'resume-from' = {resume_from!r} is not allowed: no "
-            f"checkpoint at {path}; give a run directory holding {CHECKPOINT_FILE} "
-            "or the checkpoint file itself"
-        )
-    return path
+def checkpoint_path(resume_from: str, results_dir: str = ".") -> Path:
+    """The checkpoint file named by ``resume-from``.
+
+    ``resume-from`` is a run directory or a checkpoint file; a relative path is
+    looked up in ``results-dir`` first (so a run name is enough), then in the
+    working directory.
+    """
+    given = Path(resume_from).expanduser()
+    candidates = [given]
+    if not given.is_absolute():
+        candidates = [Path(results_dir).expanduser() / given, given]
+    for path in candidates:
+        path = path.resolve()
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"run-config key 'resume-from' = {resume_from!r} is not allowed: no "
+        f"checkpoint at {' or '.join(str(c.resolve()) for c in candidates)}; give a "
+        f"run directory holding {CHECKPOINT_FILE} (or its name inside results-dir) "
+        "or the checkpoint file itself"
+    )
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:

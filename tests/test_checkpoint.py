@@ -117,6 +117,8 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(folder, tmp_path
             strategy="mh-pfedhngd")  # fmt: skip
     refused(r"incompatible run config: seed \(checkpoint 42, now 7\)", seed=7)
     refused("at round 2, beyond num-server-rounds = 1", **{"num-server-rounds": 1})
+    # A run name inside results-dir is enough.
+    assert checkpoint_path("a", str(tmp_path)) == run_dir / CHECKPOINT_FILE
     (run_dir / CHECKPOINT_FILE).write_bytes(good[: len(good) // 2])
     refused("cannot be read \\(truncated")
     with pytest.raises(CheckpointError, match="no checkpoint at"):
