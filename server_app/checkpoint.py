@@ -156,6 +156,11 @@ def pack(value: Any) -> Any:
     return value
 
 
+def holds_state_dict(saved: Any) -> bool:
+    """Whether ``saved`` is a packed module or optimizer (needs an object)."""
+    return isinstance(saved, dict) and set(saved) == {"__state_dict__"}
+
+
 def unpack(saved: Any, current: Any) -> Any:
     """The attribute value for ``saved``; modules and optimizers load in place."""
     if isinstance(saved, dict) and len(saved) == 1:

@@ -35,9 +35,15 @@ def folder(tmp_path_factory):
     return write_learnable_imagefolder(tmp_path_factory.mktemp("folder"), 6, 24)
 
 
-def start(config: dict, num_nodes: int = 3, crash_at: int | None = None):
+def start(
+    config: dict,
+    num_nodes: int = 3,
+    crash_at: int | None = None,
+    grid: InProcessGrid | None = None,
+):
     """Run the strategy the way the ServerApp does; ``crash_at`` kills it as
-    round ``crash_at`` begins."""
+    round ``crash_at`` begins. Passing the ``grid`` of an earlier run keeps its
+    clients (and their private state) alive, as SuperNodes outlive a server."""
     cfg = load_run_config(config)
     base = STRATEGIES[cfg.strategy]
 
@@ -51,17 +57,18 @@ def start(config: dict, num_nodes: int = 3, crash_at: int | None = None):
     strategy = Crashing(cfg)
     checkpoint = None
     if cfg.resume_from:
-        path = checkpoint_path(cfg.resume_from)
+        path = checkpoint_path(cfg.resume_from, cfg.results_dir)
         checkpoint = read_checkpoint(path)
         check_compatible(checkpoint, cfg, path)
         results = RunResults.reopen(path.parent, cfg, checkpoint["metrics"])
     else:
         results = RunResults.create(cfg)
     try:
-        strategy.start(InProcessGrid(config, num_nodes), results, checkpoint)
+        grid = grid or InProcessGrid(config, num_nodes)
+        strategy.start(grid, results, checkpoint)
     finally:
         results.finish()
-    return strategy, results
+    return strategy, results, grid
 
 
 def rows(results: RunResults) -> list[dict]:
@@ -81,14 +88,14 @@ def rows(results: RunResults) -> list[dict]:
 def test_interrupted_and_resumed_equals_uninterrupted(folder, tmp_path, variant):
     config = base_config(folder, tmp_path, **variant)
     config |= {"num-server-rounds": 3, "checkpoint-every": 2}
-    whole, whole_results = start(config | {"run-name": "whole"})
+    whole, whole_results, _ = start(config | {"run-name": "whole"})
 
     with pytest.raises(Crash):
         start(config | {"run-name": "cut"}, crash_at=3)
     run_dir = tmp_path / "cut"
     saved = torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)
     assert saved["round"] == 2
-    resumed, resumed_results = start(config | {"resume-from": str(run_dir)})
+    resumed, resumed_results, _ = start(config | {"resume-from": str(run_dir)})
 
     assert resumed_results.path == run_dir
     assert rows(resumed_results) == rows(whole_results)
@@ -110,7 +117,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(folder, tmp_path
     def refused(match: str, **changes) -> None:
         cfg = load_run_config(config | {"resume-from": str(run_dir), **changes})
         with pytest.raises(CheckpointError, match=match):
-            path = checkpoint_path(cfg.resume_from)
+            path = checkpoint_path(cfg.resume_from, cfg.results_dir)
             check_compatible(read_checkpoint(path), cfg, path)
 
     refused("written by strategy 'mh-pfedhn'; this run uses 'mh-pfedhngd'",
@@ -145,8 +152,26 @@ def test_more_rounds_after_a_finished_run(folder, tmp_path):
     """A finished run resumes with a larger num-server-rounds."""
     config = base_config(folder, tmp_path, **{"run-name": "f", "num-server-rounds": 2})
     start(config)
-    _, results = start(
+    _, results, _ = start(
         config | {"resume-from": str(tmp_path / "f"), "num-server-rounds": 3}
     )
     assert [r["round"] for r in rows(results)] == [1, 2, 3]
     assert Path(results.path / "summary.json").is_file()
+
+
+BASELINES = sorted(set(STRATEGIES) - {"mh-pfedhn", "mh-pfedhngd"})
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_every_baseline_resumes_exactly(folder, tmp_path, name):
+    """Server crash after round 2's checkpoint; the clients live on (as
+    SuperNodes do) and the resumed server ends where an uninterrupted run ends."""
+    config = base_config(folder, tmp_path, strategy=name, models="cnn")
+    config |= {"num-server-rounds": 3, "checkpoint-every": 2, "server-epochs": 3}
+    _, whole, _ = start(config | {"run-name": "whole"}, num_nodes=2)
+    cut = config | {"run-name": "cut"}
+    clients = InProcessGrid(cut, 2)
+    with pytest.raises(Crash):
+        start(cut, crash_at=3, grid=clients)
+    _, resumed, _ = start(config | {"resume-from": "cut"}, grid=clients)
+    assert rows(resumed) == rows(whole)

@@ -43,7 +43,14 @@ from flwr.serverapp.strategy import Result, Strategy
 from common import protocol as P
 from common.config import RunConfig
 
-from ..checkpoint import CHECKPOINT_FILE, FORMAT, pack, unpack, write_checkpoint
+from ..checkpoint import (
+    CHECKPOINT_FILE,
+    FORMAT,
+    holds_state_dict,
+    pack,
+    unpack,
+    write_checkpoint,
+)
 from ..exchange import error_text, exchange
 from ..registry import (
     ClientInfo,
@@ -188,7 +195,15 @@ class HeteroStrategy(Strategy):
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         for attr in self.checkpoint_attributes:
-            setattr(self, attr, unpack(state[attr], getattr(self, attr)))
+            current = getattr(self, attr)
+            if current is None and holds_state_dict(state[attr]):
+                current = self.build_module(attr)
+            setattr(self, attr, unpack(state[attr], current))
+
+    def build_module(self, attr: str) -> Any:
+        """Create the module behind attribute ``attr`` that is built lazily (on
+        the first replies), so a checkpoint can load into it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rebuild '{attr}'")
 
     def save_checkpoint(
         self, results: RunResults, server_round: int, waiting: dict[str, Any] | None
