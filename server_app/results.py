@@ -10,7 +10,8 @@ Layout of ``<results-dir>/<run-name>/``:
     One JSON object per evaluated round (``round``, ``accuracy`` = total correct /
     total test samples, ``accuracy_mean`` = mean of per-client accuracies,
     ``loss``, ``client_accuracy``, ``train_loss``, ``round_seconds``,
-    ``server_seconds``, ``bytes_down``, ``bytes_up``, ...).
+    ``server_seconds``, ``bytes_down``, ``bytes_up``, ``rejected_replies``,
+    ``server_rss_mb`` / ``server_peak_rss_mb`` (memory of the server process), ...).
 ``summary.json``
     ``final_accuracy``, ``best_accuracy``, ``best_round``, ``rounds``,
     ``seconds`` of the training phase; with novel clients also
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,19 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
+
+
+def server_memory_mb() -> dict[str, float]:
+    """Resident memory of this (the ServerApp's) process now and at its peak, MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        now_mb = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        now_mb = peak_mb
+    return {"server_rss_mb": now_mb, "server_peak_rss_mb": peak_mb}
 
 
 class RunResults:

@@ -59,7 +59,7 @@ from ..registry import (
     handshake,
     wait_for_nodes,
 )
-from ..results import RunResults
+from ..results import RunResults, server_memory_mb
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -618,6 +618,7 @@ class HeteroStrategy(Strategy):
             "server_seconds": self.server_seconds,
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
+            **server_memory_mb(),
         }
 
     def finish_round(
