@@ -102,8 +102,12 @@ def test_interrupted_and_resumed_equals_uninterrupted(folder, tmp_path, variant)
     assert [r["round"] for r in rows(resumed_results)] == [1, 2, 3]
     whole_state, resumed_state = whole.hn.state_dict(), resumed.hn.state_dict()
     assert whole_state.keys() == resumed_state.keys()
-    for key, value in whole_state.items():
-        assert (value - resumed_state[key]).abs().max() <= 1e-6, key
+    diff = max(
+        float((value - resumed_state[key]).abs().max())
+        for key, value in whole_state.items()
+    )
+    print(f"max abs hypernetwork difference ({variant}): {diff}")
+    assert diff <= 1e-6
 
 
 def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(folder, tmp_path):
