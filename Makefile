@@ -11,11 +11,16 @@ RESULTS_DIR ?= $(CURDIR)/results
 # Extra run-config overrides, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'"
 RUN_CONFIG ?=
 FEDERATION_CONFIG ?= $(CURDIR)/simulation.toml
+# `make compare`: a preset of strategies x seeds (conf/*.toml), its output folder
+# and extra options, e.g. COMPARE_ARGS="--only fedavg,local --seeds 42 --table-only"
+PRESET ?= conf/compare-cifar10-cnn.toml
+COMPARE_OUT ?= $(RESULTS_DIR)/compare-$(patsubst compare-%,%,$(basename $(notdir $(PRESET))))
+COMPARE_ARGS ?=
 # flwr would otherwise `uv sync` the app's dependencies for every run (and pull
 # CUDA builds of torch); the venv already has them.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install run test lint format clean
+.PHONY: install run compare test lint format clean
 
 install: $(STAMP)
 
@@ -36,6 +41,13 @@ run: install
 		--federation-config $(FEDERATION_CONFIG) \
 		--run-config 'data-dir="$(DATA_DIR)" results-dir="$(RESULTS_DIR)" $(RUN_CONFIG)' \
 		--stream
+
+# Every strategy x seed of PRESET through `flwr run` on a private SuperLink (stopped
+# afterwards), then comparison.md / .json / .png in COMPARE_OUT. Finished runs are skipped,
+# so the same command resumes. Paths are absolute: the SuperLink runs elsewhere.
+compare: install
+	$(BIN)/python -m tools.compare $(PRESET) --out $(abspath $(COMPARE_OUT)) \
+		--data-dir $(abspath $(DATA_DIR)) $(COMPARE_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

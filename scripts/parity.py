@@ -1,7 +1,8 @@
 """Run one setting through `flwr run` on a private SuperLink and print its curve.
 
 Usage: python scripts/parity.py OUT_DIR NUM_CLIENTS key=value ...
-(used for the parity measurements in the closing notes; tests use the same harness).
+(used for the parity measurements in the closing notes; tests use the same harness,
+`tools.superlink`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.flower_harness import SimulationSuperLink  # noqa: E402
+from tools.superlink import SimulationSuperLink  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.flower_harness import SimulationSuperLink
+from tools.superlink import SimulationSuperLink
 
 pytestmark = pytest.mark.e2e
 
