@@ -29,12 +29,13 @@ The energy grows linearly over the rounds (:func:`energy_at`), from
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from .threads import one_thread
 
 #: Array names of an encoded vector (see the module docstring).
 FACTORS = "shared-factors"
@@ -43,21 +44,9 @@ RANKS = "shared-ranks"
 Shape = tuple[int, ...]
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run small LAPACK/BLAS calls on one thread: these matrices are small, and
-    multi-threaded SVDs were 40x slower on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD ``(U, s, V^T)`` in float64 (PyTorch's LAPACK, one thread)."""
-    with _one_thread():
+    with one_thread():
         u, s, vt = torch.linalg.svd(
             torch.from_numpy(np.asarray(matrix, dtype=np.float64)),
             full_matrices=False,
@@ -67,7 +56,7 @@ def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _product(u: np.ndarray, s: np.ndarray, vt: np.ndarray) -> np.ndarray:
     """``U diag(s) V^T`` in float64 (one thread, as :func:`_svd`)."""
-    with _one_thread():
+    with one_thread():
         out = (torch.from_numpy(u) * torch.from_numpy(s)) @ torch.from_numpy(vt)
     return out.numpy()
 

@@ -176,6 +176,12 @@ class PersonalTrainer(ClientTrainer):
     def load_received(self, content: RecordDict) -> None:
         """Nothing by default: the personal model is the client's own."""
 
+    def load_head(self, content: RecordDict) -> None:
+        """Replace ``model.head`` by the flat ``head`` the server sent, if any."""
+        arrays = content.array_records.get(P.ARRAYS)
+        if arrays is not None and P.HEAD in arrays:
+            load_flat_(self.client.model.head, arrays[P.HEAD].numpy())
+
 
 TRAINERS: dict[str, type[ClientTrainer]] = {}
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from common import protocol as P
-from common.flat import load_flat_
-
 from .base import register_trainer
 from .fedproto import FedProtoTrainer
 
@@ -25,9 +22,7 @@ class FedGHTrainer(FedProtoTrainer):
     (the upload is FedProto's: :meth:`FedProtoTrainer.reply_prototypes`)."""
 
     def load_received(self, content: RecordDict) -> None:
-        arrays = content.array_records.get(P.ARRAYS)
-        if arrays is not None and P.HEAD in arrays:
-            load_flat_(self.client.model.head, arrays[P.HEAD].numpy())
+        self.load_head(content)
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
         self.load_received(content)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from common import protocol as P
-from common.flat import flatten_params, load_flat_
+from common.flat import flatten_params
 
 from .base import PersonalTrainer, register_trainer
 
@@ -19,9 +19,7 @@ class LGFedAvgTrainer(PersonalTrainer):
     """Trains the personal model under the global head; uploads the head."""
 
     def load_received(self, content: RecordDict) -> None:
-        arrays = content.array_records.get(P.ARRAYS)
-        if arrays is not None and P.HEAD in arrays:
-            load_flat_(self.client.model.head, arrays[P.HEAD].numpy())
+        self.load_head(content)
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
         self.load_received(content)

@@ -19,8 +19,7 @@ client and held class (:func:`prototype_pairs`), with HtFLlib's loop: plain SGD,
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import WARNING
 
@@ -31,6 +30,7 @@ from flwr.common.logger import log
 from torch import nn
 
 from common import protocol as P
+from common.threads import one_thread
 
 from ..registry import ClientInfo, ClientRegistry
 from .aggregate import class_mean
@@ -88,22 +88,6 @@ def round_generator(seed: int, server_round: int) -> torch.Generator:
     """Seeded generator for one round's server-side shuffling."""
     seq = np.random.SeedSequence([seed, server_round, 0x9407])
     return torch.Generator().manual_seed(int(seq.generate_state(1)[0]))
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread inside the block (restored after).
-
-    The server-side models are tiny (at most a few hundred ``D``-wide rows), so
-    threads only add synchronisation; on a busy machine they made FedTGP's
-    server training about 20 times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_on_pairs(
