@@ -20,7 +20,7 @@ COMPARE_ARGS ?=
 # CUDA builds of torch); the venv already has them.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install run compare test lint format clean
+.PHONY: install run compare test deploy-test bench lint format clean
 
 install: $(STAMP)
 
@@ -59,6 +59,18 @@ format: install
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# A real deployment on loopback (docs/deployment.md): SuperLink with TLS and
+# SuperNode authentication, two SuperNodes, `flwr run` (2 rounds), a refused
+# unregistered SuperNode, SuperNode restarts (state-dir), and the simulation's
+# seconds per round for comparison. Options, e.g. DEPLOY_TEST_ARGS="--workdir /tmp/dt".
+DEPLOY_TEST_ARGS ?=
+deploy-test: install
+	$(BIN)/python scripts/deploy_test.py $(DEPLOY_TEST_ARGS)
+
+# Benchmarks: each prints a table and writes bench/results/<name>.json.
+bench: install
+	$(BIN)/python -m bench.hypernet
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -4,6 +4,10 @@ Every handler validates the run config, resolves this client's identity, model a
 data (:class:`client_app.local.LocalClient`), and delegates the strategy-specific
 work to the trainer registered for ``strategy``. An exception becomes Flower's
 error reply, which the server reports with the client's name.
+
+With node config ``state-dir``, the client's kept state also lives on disk
+(:mod:`client_app.persist`): restored into a restarted SuperNode's empty
+``context.state`` before the client is built, written after every TRAIN.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from flwr.clientapp import ClientApp
 from common import protocol as P
 from common.config import load_run_config
 
-from .local import LocalClient
+from . import persist
+from .local import LocalClient, client_name
 from .trainers import build_trainer
 
 app = ClientApp()
 
 
 def _client(context: Context) -> LocalClient:
-    return LocalClient.from_context(context, load_run_config(context.run_config))
+    cfg = load_run_config(context.run_config)
+    persist.restore(context, client_name(context))
+    return LocalClient.from_context(context, cfg)
 
 
 def _round(message: Message) -> int:
@@ -64,6 +71,7 @@ def train(message: Message, context: Context) -> Message:
     if evaluation is not None:
         content[P.EVAL_METRICS] = evaluation
     trainer.save()
+    persist.save(context, client.name, _round(message))
     return Message(content=content, reply_to=message)
 
 

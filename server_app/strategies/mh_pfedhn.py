@@ -271,7 +271,8 @@ class MHPFedHN(HeteroStrategy):
         applied: list[tuple[ClientInfo, RecordDict]] = []
 
         def send(position: int) -> None:
-            messages = self.messages_for([order[position]], server_round, TRAIN)
+            # A list: Flower's deployment grid iterates its argument twice.
+            messages = list(self.messages_for([order[position]], server_round, TRAIN))
             ids = list(grid.push_messages(messages))
             if not ids:  # the node is gone: nothing will come back
                 arrived[position] = None
@@ -283,7 +284,7 @@ class MHPFedHN(HeteroStrategy):
         evaluations = ()
         if self.evaluate_first:
             evaluations = grid.push_messages(
-                self.messages_for(self.phase_names, server_round - 1, EVALUATE)
+                list(self.messages_for(self.phase_names, server_round - 1, EVALUATE))
             )
         pending_eval, eval_replies = set(evaluations), []
 

@@ -1,0 +1,327 @@
+"""Deployment material without a deployment: credentials, Docker files, the guide.
+
+The deployment itself (real SuperLink, SuperNodes and ``flwr run``) is
+``make deploy-test`` (scripts/deploy_test.py, several minutes), run by CI after
+``make test``. These checks take seconds: the credentials ``make_certs.sh`` writes
+work for TLS and for Flower's key loaders; the Compose files parse, reference what
+exists and pass Flower 1.41's own argument parsers; the Dockerfile installs like
+the Makefile; and every Flower command of docs/deployment.md parses and is the
+one the deploy test runs. No Docker engine is needed (nor available here).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+import ssl
+import subprocess
+import threading
+from pathlib import Path
+
+import flwr
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+GUIDE = ROOT / "docs" / "deployment.md"
+DEPLOY_TEST = ROOT / "scripts" / "deploy_test.py"
+MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
+FLWR_VERSION = flwr.__version__
+
+
+# -- Flower 1.41's own command line parsers ------------------------------------------
+def parse_superlink(args: list[str]):
+    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
+
+    return _parse_args_run_superlink().parse_args(args)
+
+
+def parse_supernode(args: list[str]):
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    return _parse_args_run_supernode().parse_args(args)
+
+
+def parse_superexec(args: list[str]):
+    from flwr.supercore.cli.flower_superexec import _parse_args
+
+    return _parse_args().parse_args(args)
+
+
+def parse_flwr(args: list[str]) -> dict:
+    """Resolve ``flwr`` subcommands and parse their options (nothing runs)."""
+    import click
+    from flwr.cli.app import typer_click_object
+
+    def rest_of(ctx: click.Context) -> list[str]:
+        return [*getattr(ctx, "_protected_args", []), *ctx.args]
+
+    command = typer_click_object
+    ctx = command.make_context("flwr", list(args))
+    rest = rest_of(ctx)
+    while isinstance(command, click.Group) and rest:
+        name, command, rest = command.resolve_command(ctx, rest)
+        ctx = command.make_context(name, rest, parent=ctx)
+        rest = rest_of(ctx) if isinstance(command, click.Group) else []
+    assert not isinstance(command, click.Group), f"flwr {args}: no command"
+    return ctx.params
+
+
+# -- credentials ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    env = {"PATH": "/usr/bin:/bin", "SERVER_SANS": "superlink 10.1.2.3"}
+    subprocess.run(
+        ["bash", str(MAKE_CERTS), str(out), "site-a", "site-b"],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    return out
+
+
+def test_make_certs_writes_a_verifiable_server_certificate_with_sans(certs):
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", certs / "ca.crt", certs / "server.pem"],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 0, verify.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", certs / "server.pem", "-noout", "-ext",
+         "subjectAltName"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for san in ["DNS:localhost", "IP Address:127.0.0.1", "DNS:superlink"]:
+        assert san in text
+    assert "IP Address:10.1.2.3" in text
+    for secret in ["ca.key", "server.key", "site-a", "site-b"]:
+        assert (certs / secret).stat().st_mode & 0o077 == 0, secret
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_the_certificate_serves_tls_to_a_client_trusting_only_the_ca(certs, host):
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(certs / "server.pem", certs / "server.key")
+    client = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with client.wrap_socket(raw, server_hostname=host) as tls:
+                assert tls.recv(2) == b"ok"
+        thread.join(timeout=10)
+
+
+def test_node_keys_load_with_flowers_loaders_and_reruns_keep_them(certs):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    for site in ["site-a", "site-b"]:
+        key = load_ssh_private_key((certs / site).read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        assert key.curve.name == "secp384r1"
+        assert try_load_public_key(certs / f"{site}.pub")
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    subprocess.run(
+        ["bash", str(MAKE_CERTS), str(certs), "site-a", "site-c"],
+        check=True,
+        capture_output=True,
+    )
+    after = {p.name: p.read_bytes() for p in certs.iterdir()}
+    assert {k: after[k] for k in before} == before  # nothing overwritten
+    assert set(after) - set(before) == {"site-c", "site-c.pub"}
+
+
+# -- Docker --------------------------------------------------------------------------
+def load_compose(*names: str) -> dict:
+    """The services of the given Compose files, later files overriding keys."""
+    services: dict = {}
+    for name in names:
+        data = yaml.safe_load((DOCKER / name).read_text())
+        for service, spec in data["services"].items():
+            services.setdefault(service, {}).update(spec)
+    return services
+
+
+def app_image(spec: dict) -> bool:
+    return "build" in spec
+
+
+def parse_service(name: str, spec: dict):
+    command = spec["command"]
+    if app_image(spec):
+        return parse_superexec(command)
+    image = spec["image"]
+    if image.startswith("flwr/superlink:"):
+        return parse_superlink(command)
+    if image.startswith("flwr/supernode:"):
+        return parse_supernode(command)
+    raise AssertionError(f"{name}: unexpected image {image}")
+
+
+@pytest.mark.parametrize(
+    "files", [("compose.yml",), ("compose.yml", "compose.tls.yml")], ids=["base", "tls"]
+)
+def test_compose_services_exist_and_their_commands_parse(files):
+    services = load_compose(*files)
+    base = load_compose("compose.yml")
+    assert set(services) == set(base)  # the override adds no service
+    version = f"${{FLWR_VERSION:-{FLWR_VERSION}}}"
+    for name, spec in services.items():
+        for dependency in spec.get("depends_on", []):
+            assert dependency in services, f"{name} depends on {dependency}"
+        if app_image(spec):
+            context = (DOCKER / spec["build"]["context"]).resolve()
+            assert context == ROOT
+            assert (context / spec["build"]["dockerfile"]).is_file()
+            assert spec["build"]["args"]["FLWR_VERSION"] == version
+        else:
+            assert spec["image"].endswith(f":{version}"), spec["image"]
+        parse_service(name, spec)  # exits (fails) on an unknown flag or value
+    for spec in services.values():  # executors reach existing APIs
+        if app_image(spec):
+            args = parse_superexec(spec["command"])
+            host, port = args.runtime_api_address.split(":")
+            assert host in services and port in " ".join(services[host]["command"])
+
+
+def test_compose_sites_have_distinct_identities_and_existing_models():
+    from flwr.common.config import parse_config_args
+
+    from common.models import available_models
+
+    sites = []
+    for spec in load_compose("compose.yml").values():
+        if spec.get("image", "").startswith("flwr/supernode:"):
+            config = parse_config_args([parse_supernode(spec["command"]).node_config])
+            assert config["model"] in available_models()
+            assert config["state-dir"] and config["data-dir"]
+            sites.append((config["client-name"], config["partition-id"]))
+    assert len(sites) >= 2
+    assert len({n for n, _ in sites}) == len({p for _, p in sites}) == len(sites)
+
+
+def test_the_tls_variant_is_secure_and_mounts_what_make_certs_writes(certs):
+    services = load_compose("compose.yml", "compose.tls.yml")
+    overridden = yaml.safe_load((DOCKER / "compose.tls.yml").read_text())["services"]
+    for name in overridden:
+        spec = services[name]
+        args = parse_service(name, spec)
+        assert not args.insecure, name
+        mounts = [
+            re.match(r"(.+?):(/app/[^:]+)", v).groups()
+            for v in spec["volumes"]
+            if "certificates" in v
+        ]
+        targets = {target: Path(source).name for source, target in mounts}
+        for source_name in targets.values():
+            assert (certs / source_name).is_file(), source_name  # make_certs names
+        for flag in ["ssl_ca_certfile", "ssl_certfile", "ssl_keyfile"]:
+            if getattr(args, flag, None) and spec["image"].startswith("flwr/superlink"):
+                assert f"/app/{getattr(args, flag)}" in targets
+        if spec.get("image", "").startswith("flwr/superlink:"):
+            assert args.enable_supernode_auth
+        if spec.get("image", "").startswith("flwr/supernode:"):
+            assert f"/app/{args.auth_supernode_private_key}" in targets
+            assert f"/app/{args.root_certificates}" in targets
+        if app_image(spec):
+            assert f"/app/{args.root_certificates}" in targets
+
+
+def test_dockerfile_builds_on_flowers_superexec_and_installs_like_the_makefile():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert f"ARG FLWR_VERSION={FLWR_VERSION}\n" in text
+    assert "FROM flwr/superexec:${FLWR_VERSION}" in text
+    assert 'ENTRYPOINT ["flower-superexec"]' in text
+    joined = text.replace("\\\n", " ")
+    run = " ".join(re.findall(r"^RUN (.*)$", joined, re.M))
+    installs = [cmd for cmd in run.split("&&") if "pip install" in cmd]
+    packages = [cmd for cmd in installs if "--upgrade pip" not in cmd]
+    assert len(packages) == 2
+    assert all("-c constraints.txt" in cmd for cmd in packages)
+    assert re.search(r"\btorch\b", packages[0]) and packages[1].split()[-1] == "."
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt torch" in makefile  # the same order there
+    copied = re.findall(r"^COPY --chown=app:app (.+) \S+$", text, re.M)
+    sources = {s for line in copied for s in line.split()}
+    for source in sources:
+        assert (ROOT / source).exists(), source
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    top_level = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
+    assert top_level <= sources
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    for source in sources:
+        assert f"!{source}" in ignore or f"!{source}/" in ignore, source
+
+
+# -- the guide -----------------------------------------------------------------------
+def guide_commands() -> list[list[str]]:
+    """The shell commands of the guide's bash blocks, continuation lines joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line:
+                words = shlex.split(line)
+                while words and "=" in words[0] and not words[0].startswith("-"):
+                    words = words[1:]  # VAR=value prefixes
+                commands.append(words)
+    return commands
+
+
+def placeholders(words: list[str]) -> list[str]:
+    return [re.sub(r"^<[a-z-]+>$", "123", w) for w in words]
+
+
+def test_every_flower_command_of_the_guide_parses_and_the_deploy_test_runs_it():
+    script = DEPLOY_TEST.read_text()
+    seen = set()
+    for words in guide_commands():
+        program, args = words[0], placeholders(words[1:])
+        if program == "flower-superlink":
+            parse_superlink(args)
+        elif program == "flower-supernode":
+            parse_supernode(args)
+        elif program == "flwr":
+            parse_flwr(args)
+        else:
+            continue
+        seen.add(program)
+        # The deploy test runs the same program with the same flags/subcommands.
+        if program == "flwr":
+            assert f'"{args[0]}"' in script, words
+            if len(args) > 1 and not args[1].startswith("-"):
+                assert f'"{args[1]}"' in script or args[0] in {"run", "log"}, words
+        else:
+            assert f'"{program}"' in script, words
+        for flag in [a.split("=")[0] for a in args if a.startswith("--")]:
+            assert f'"{flag}"' in script, (flag, words)
+    assert seen == {"flower-superlink", "flower-supernode", "flwr"}
+    assert "make_certs.sh" in script
+
+
+def test_the_guide_links_only_existing_files():
+    for path in re.findall(r"`((?:docker|scripts|docs|client_app)/[\w./-]+)`",
+                           GUIDE.read_text()):  # fmt: skip
+        if "certs" not in path:
+            assert (ROOT / path).exists(), path
