@@ -726,12 +726,61 @@ def restart(dep: Deployment, procs: Processes, args, report: dict) -> None:
     say(f"  clients.json site-b: {json.dumps(clients['site-b'])}")
 
 
+def killed_mid_round(dep: Deployment, procs: Processes, args, report: dict) -> None:
+    """A SuperNode killed (SIGKILL) while it trains: the round completes with the
+    other client's reply once the SuperLink reports the node unavailable, and the
+    run finishes without it."""
+    rounds = args.kill_rounds
+    say(f"run 3: {rounds} rounds; site-a is killed while it trains round 2")
+    log = dep.logs / "flwr-run-kill.log"
+    config = run_config(dep.data_dir, dep.work / "results-kill", rounds)
+    proc = start_flwr_run(dep, config | args.run_config, log, "flwr-run-kill")
+    node_log = dep.node_log("site-a", 1)
+
+    def training_round_2() -> bool:
+        check(proc.poll() is None, f"flwr run ended early:\n{dep.read(log)[-3000:]}")
+        delivered = sent_train_replies(node_log, run_id_of(log))
+        received = dep.read(node_log).count("Receiving: train message")
+        return 1 in delivered and received >= before + 2
+
+    before = dep.read(node_log).count("Receiving: train message")  # earlier runs
+    wait_for("site-a to receive round 2's train message", training_round_2,
+             args.timeout)  # fmt: skip
+    popen = procs.procs["supernode-site-a"][0]
+    os.killpg(os.getpgid(popen.pid), signal.SIGKILL)
+    t_kill = time.perf_counter()
+    say("killed site-a (SIGKILL) in round 2")
+    run_dir = finish_flwr_run(proc, log, args.timeout, procs, "flwr-run-kill")
+    check(run_dir is not None, f"no results directory in {log}")
+    rows = metric_rows(run_dir)
+    check([r["round"] for r in rows] == list(range(1, rounds + 1)),
+          f"rounds {[r['round'] for r in rows]}")  # fmt: skip
+    after = [r for r in rows if r["round"] >= 2]
+    counts = [r["train_clients"] for r in after]
+    check(all(c == 1 for c in counts), f"train clients after the kill: {counts}")
+    check(sum(r["rejected_replies"] for r in after) >= 1, "no rejected reply counted")
+    rejected = [x for x in dep.read(log).splitlines() if "rejected" in x]
+    report["killed_mid_round"] = {
+        "results": str(run_dir),
+        "seconds_from_kill_to_end": time.perf_counter() - t_kill,
+        "train_clients_by_round": {r["round"]: r["train_clients"] for r in rows},
+        "server_log": rejected[:2],
+    }
+    say(f"run 3 ok: rounds finished without site-a; server: {rejected[:1]}")
+
+
 # -- main ------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep everything here")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--restart-rounds", type=int, default=6, help="0: skip")
+    parser.add_argument(
+        "--kill-rounds",
+        type=int,
+        default=0,
+        help="> 0: also kill a SuperNode mid-round in a run of this many rounds",
+    )
     parser.add_argument("--no-simulation", action="store_true")
     parser.add_argument(
         "--insecure",
@@ -783,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
         basic(dep, procs, args, report)
         if args.restart_rounds and not args.insecure:
             restart(dep, procs, args, report)
+        if args.kill_rounds:
+            killed_mid_round(dep, procs, args, report)
         for name in [n for n in procs.procs if n.startswith("supernode")]:
             procs.stop(name)
         procs.stop("superlink")

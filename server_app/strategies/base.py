@@ -358,11 +358,11 @@ class HeteroStrategy(Strategy):
         for reply in replies:
             node_id = reply.metadata.src_node_id
             name = self.clients.name_of(node_id)
+            if reply.has_error():  # also the SuperLink's "node unavailable" replies
+                self.reject(name or f"node {node_id}", kind, error_text(reply))
+                continue
             if name is None:
                 self.reject(f"unknown node {node_id}", kind, "not in the registry")
-                continue
-            if reply.has_error():
-                self.reject(name, kind, error_text(reply))
                 continue
             content = reply.content
             try:
