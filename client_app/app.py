@@ -20,15 +20,17 @@ from common.config import load_run_config
 
 from . import persist
 from .local import LocalClient, client_name
-from .trainers import build_trainer
+from .trainers import ClientTrainer, build_trainer
 
 app = ClientApp()
 
 
-def _client(context: Context) -> LocalClient:
+def _trainer(context: Context) -> ClientTrainer:
+    """This client (identity, model, data, kept state) and its strategy's trainer."""
     cfg = load_run_config(context.run_config)
     persist.restore(context, client_name(context))
-    return LocalClient.from_context(context, cfg)
+    client = LocalClient.from_context(context, cfg)
+    return build_trainer(cfg.strategy, client, context.state)
 
 
 def _round(message: Message) -> int:
@@ -40,8 +42,8 @@ def query(message: Message, context: Context) -> Message:
     """Handshake: name, parameter count, example counts, the task's class and
     channel counts and whether the client joins after training; nothing about
     its architecture."""
-    client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client, context.state)
+    trainer = _trainer(context)
+    client = trainer.client
     content = trainer.reply(
         {
             P.NUM_PARAMS: client.num_params,
@@ -62,8 +64,8 @@ def train(message: Message, context: Context) -> Message:
     With ``evaluate-first`` in the config the received model is evaluated before
     training (the previous round's evaluation, carried by this message).
     """
-    client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client, context.state)
+    trainer = _trainer(context)
+    client = trainer.client
     evaluation = None
     if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
         evaluation = MetricRecord(trainer.evaluate_metrics(message.content))
@@ -78,7 +80,6 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
-    client = _client(context)
-    trainer = build_trainer(client.cfg.strategy, client, context.state)
+    trainer = _trainer(context)
     content = trainer.evaluate(message.content, _round(message))
     return Message(content=content, reply_to=message)

@@ -377,9 +377,10 @@ class HeteroStrategy(Strategy):
             if problem:
                 self.reject(name, kind, problem)
                 continue
-            if P.EVAL_METRICS in content and self.metrics_problem(content, "carried"):
-                self.reject(name, "carried evaluation",
-                            self.metrics_problem(content, "carried"))  # fmt: skip
+            if P.EVAL_METRICS in content and (
+                carried := self.metrics_problem(content, "carried")
+            ):
+                self.reject(name, "carried evaluation", carried)
                 del content[P.EVAL_METRICS]
             self.bytes_up += payload_bytes(content)
             valid.append((self.clients[name], content))
