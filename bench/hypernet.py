@@ -14,7 +14,10 @@ delta, clip the gradient to norm 50 and take one Adam step (lr 2e-4).
 Both start from the same parameters and see the same deltas in the same order,
 so they compute the same thing (checked: max abs difference of the generated
 vectors after the timed steps). Prints milliseconds per client step for each,
-the ratio, the parameter count and bytes, and the optimizer state bytes.
+the ratio, the parameter count and bytes, and the optimizer state bytes; then
+the same step with the compact heads (``head-type`` ``shared`` and ``low-rank``),
+and the hypernetwork size of the paper's federation with and without a
+MobileNetV2 client for each head type.
 
     python -m bench.hypernet [--rounds 3] [--device cpu|cuda] [--out DIR]
 """
@@ -34,7 +37,8 @@ from server_app.hypernet import HyperNetwork
 from .common import DEFAULT_OUT, print_table, write_json
 
 MODELS = ("cnn", "vgg8", "resnet10", "resnet12", "resnet18")
-CHUNK, EMBED, HIDDEN, LAYERS, LR, CLIP = 3072, 64, 128, 3, 2e-4, 50.0
+CHUNK, EMBED, HIDDEN, LAYERS, LR, CLIP, RANK = 3072, 64, 128, 3, 2e-4, 50.0, 8
+HEAD_TYPES = ("per-position", "shared", "low-rank")
 
 
 class LoopHyperNetwork(nn.Module):
@@ -106,38 +110,57 @@ def timed_steps(step, names, deltas, rounds: int, device) -> float:
     return (time.perf_counter() - start) / (rounds * len(names))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available()
-                        else "cpu")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def hypernet_step(hn: HyperNetwork):
+    """The server's step for one reply (see ``MHPFedHN.hn_step``), and its Adam."""
+    adam = torch.optim.Adam(hn.parameters(), lr=LR, fused=True)
 
-    torch.manual_seed(0)
-    sizes = {m: num_trainable(build_model(m, 10)) for m in MODELS}
-    ours = HyperNetwork(EMBED, HIDDEN, LAYERS, CHUNK).to(device)
-    gen = torch.Generator().manual_seed(0)
-    for m in MODELS:
-        ours.add_client(m, sizes[m], generator=gen)
-    deltas = {
-        m: torch.randn(sizes[m], generator=gen).mul_(1e-3).to(device) for m in MODELS
-    }
-    reference = LoopHyperNetwork(ours).to(device)
-    names = list(MODELS)
-
-    # Ours: the server's step (see MHPFedHN.hn_step).
-    adam = torch.optim.Adam(ours.parameters(), lr=LR, fused=True)
-
-    def ours_step(name, delta):
+    def step(name, delta):
         adam.zero_grad(set_to_none=True)
-        ours.generate(name)  # theta sent to the client
-        ours.accumulate_vjp(name, delta)
-        params = [p for p in ours.parameters() if p.grad is not None]
+        hn.generate(name)  # theta sent to the client
+        hn.accumulate_vjp(name, delta)
+        params = [p for p in hn.parameters() if p.grad is not None]
         nn.utils.clip_grad_norm_(params, CLIP)
         adam.step()
 
+    return step, adam
+
+
+def build(head_type: str, sizes: dict[str, int], device) -> HyperNetwork:
+    hn = HyperNetwork(EMBED, HIDDEN, LAYERS, CHUNK, head_type=head_type,
+                      head_rank=RANK).to(device)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    for m, k in sizes.items():
+        hn.add_client(m, k, generator=gen)
+    return hn
+
+
+def federation_sizes(models: tuple[str, ...]) -> list[dict]:
+    """Hypernetwork parameters for one client of each model, per head type
+    (built on the meta device: no memory)."""
+    sizes = {m: num_trainable(build_model(m, 10)) for m in models}
+    rows = []
+    for head_type in HEAD_TYPES:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in build(head_type, sizes, "meta").parameters())
+        rows.append({"federation": "+".join(models), "head_type": head_type,
+                     "parameters": count, "parameter_MB": count * 4 / 2**20,
+                     "adam_state_MB": 2 * count * 4 / 2**20})  # fmt: skip
+    return rows
+
+
+def row(label: str, module: nn.Module, seconds: float, optimizer) -> dict:
+    count, nbytes = parameter_bytes(module)
+    return {"formulation": label, "ms_per_client_step": seconds * 1e3,
+            "parameters": count, "parameter_MB": nbytes / 2**20,
+            "optimizer_state_MB": optimizer_bytes(optimizer) / 2**20}  # fmt: skip
+
+
+def against_loop(sizes, deltas, rounds: int, device) -> tuple[list[dict], float]:
+    """Per-position heads: ours against the loop; rows and max |theta diff|."""
+    names = list(sizes)
+    ours = build("per-position", sizes, device)
+    reference = LoopHyperNetwork(ours).to(device)
+    ours_step, adam = hypernet_step(ours)
     ref_adam = torch.optim.Adam(reference.parameters(), lr=LR)
 
     def reference_step(name, delta):
@@ -149,28 +172,45 @@ def main(argv: list[str] | None = None) -> dict:
         nn.utils.clip_grad_norm_(params, CLIP)
         ref_adam.step()
 
-    ours_s = timed_steps(ours_step, names, deltas, args.rounds, device)
-    ref_s = timed_steps(reference_step, names, deltas, args.rounds, device)
+    ours_s = timed_steps(ours_step, names, deltas, rounds, device)
+    ref_s = timed_steps(reference_step, names, deltas, rounds, device)
     with torch.no_grad():
         diff = max(float((ours(n) - reference(n)).abs().max()) for n in names)
-    count, nbytes = parameter_bytes(ours)
-    ref_count, ref_bytes = parameter_bytes(reference)
     rows = [
-        {
-            "formulation": "batched (ours)",
-            "ms_per_client_step": ours_s * 1e3,
-            "parameters": count,
-            "parameter_MB": nbytes / 2**20,
-            "optimizer_state_MB": optimizer_bytes(adam) / 2**20,
-        },
-        {
-            "formulation": "per-position loop",
-            "ms_per_client_step": ref_s * 1e3,
-            "parameters": ref_count,
-            "parameter_MB": ref_bytes / 2**20,
-            "optimizer_state_MB": optimizer_bytes(ref_adam) / 2**20,
-        },
+        row("per-position, batched (ours)", ours, ours_s, adam),
+        row("per-position, loop (reference)", reference, ref_s, ref_adam),
     ]
+    return rows, diff
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available()
+                        else "cpu")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    sizes = {m: num_trainable(build_model(m, 10)) for m in MODELS}
+    gen = torch.Generator().manual_seed(1)
+    deltas = {
+        m: torch.randn(sizes[m], generator=gen).mul_(1e-3).to(device) for m in MODELS
+    }
+    names = list(MODELS)
+    rows, diff = against_loop(sizes, deltas, args.rounds, device)
+    ours_s, ref_s = (r["ms_per_client_step"] / 1e3 for r in rows)
+    for head_type in HEAD_TYPES[1:]:
+        hn = build(head_type, sizes, device)
+        step, optimizer = hypernet_step(hn)
+        seconds = timed_steps(step, names, deltas, args.rounds, device)
+        label = f"{head_type} head" + (
+            f" (rank {RANK})" if head_type == "low-rank" else ""
+        )
+        rows.append(row(label, hn, seconds, optimizer))
+    for r in rows:
+        r["parameters_vs_paper"] = rows[0]["parameters"] / r["parameters"]
     print(f"\nhypernetwork step, 5 paper models at CIFAR-10 sizes, {device}, "
           f"{args.rounds} rounds x {len(names)} clients")  # fmt: skip
     print("chunks per model: " + ", ".join(
@@ -179,8 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = ref_s / ours_s
     print(f"\nspeed-up batched / loop: {ratio:.2f}x; max |theta difference| after "
           f"the timed steps: {diff:.2e}")  # fmt: skip
+    federations = federation_sizes(MODELS) + federation_sizes((*MODELS, "mobilenetv2"))
+    print("\nhypernetwork size by federation (fp32; Adam keeps two more copies)")
+    print_table(federations, list(federations[0]))
     payload = {"rows": rows, "speedup": ratio, "max_theta_difference": diff,
-               "rounds": args.rounds, "device": str(device)}  # fmt: skip
+               "federations": federations, "rounds": args.rounds,
+               "device": str(device)}  # fmt: skip
     write_json(args.out, "hypernet", payload)
     return payload
 

@@ -14,22 +14,64 @@ The ``n`` maps are stored as one ``(n, C, h)`` tensor and applied as one batched
 matrix product, which equals ``n`` separate ``nn.Linear(h, C)`` modules (tested).
 Per-position maps are initialised like ``nn.Linear``: ``U(-1/sqrt(h), 1/sqrt(h))``.
 
+Compact heads (``head-type``; not in the paper). The per-position head costs
+``n C (h + 1)`` parameters, about 129 times the client model it generates, which
+makes the paper's five models a 250 M parameter hypernetwork. Two alternatives
+generate the same chunk layout from far fewer parameters:
+
+``shared``
+    One map for all positions: ``chunk_j = W f_j + b[j]`` with ``W: (C, h)``
+    shared by the head and ``b[j]: (C,)`` per position. ``b`` is a learned
+    *position embedding* in chunk space (it tells the positions apart, together
+    with the client's own embedding rows ``v_i[j]``) and equals a base model that
+    every client of the architecture shares. ``C h + n C`` parameters.
+``low-rank``
+    Per-position maps of rank ``r`` (``head-rank``) sharing their input
+    projection: ``chunk_j = A[j] (B f_j) + b[j]`` with ``A[j]: (C, r)`` and
+    ``B: (r, h)``. ``n C (r + 1) + r h`` parameters. ``A`` is initialised from
+    ``U(-sqrt(3/r), sqrt(3/r))`` and ``B`` like ``nn.Linear(h, r)``, so the
+    entries of ``A[j] B`` have the variance of a per-position map's.
+
 Only the hypernetwork's state lives here; how replies update it is
-:mod:`server_app.hn_update`.
+:mod:`server_app.strategies.mh_pfedhn`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from common.models import num_chunks
 
+HeadType = Literal["per-position", "shared", "low-rank"]
 
-class PositionHeads(nn.Module):
+
+class ChunkHead(nn.Module):
+    """Maps the extractor's ``(n, h)`` features of a client to its ``(n, C)`` chunks.
+
+    Subclasses implement :meth:`forward`; :meth:`accumulate_grad` is the VJP of it
+    (autograd by default).
+    """
+
+    def accumulate_grad(
+        self, grad_out: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """Add the VJP with ``grad_out`` to the parameters' ``.grad`` (those that
+        require it); return the gradient w.r.t. ``features``."""
+        with torch.enable_grad():
+            features = features.detach().requires_grad_(True)
+            self(features).backward(grad_out)
+        return features.grad
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound, generator=generator))
+
+
+class PositionHeads(ChunkHead):
     """``n`` independent linear maps ``R^h -> R^C``, one per chunk position.
 
     ``forward(F)[j] = weight[j] @ F[j] + bias[j]`` for ``F`` of shape ``(n, h)``,
@@ -45,10 +87,9 @@ class PositionHeads(nn.Module):
     ) -> None:
         super().__init__()
         bound = 1.0 / math.sqrt(hidden_dim)
-        weight = torch.empty(num_positions, chunk_size, hidden_dim)
-        bias = torch.empty(num_positions, chunk_size)
-        self.weight = nn.Parameter(weight.uniform_(-bound, bound, generator=generator))
-        self.bias = nn.Parameter(bias.uniform_(-bound, bound, generator=generator))
+        shape = (num_positions, chunk_size, hidden_dim)
+        self.weight = _uniform(shape, bound, generator)
+        self.bias = _uniform((num_positions, chunk_size), bound, generator)
         self._grad_buffer: torch.Tensor | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -87,6 +128,92 @@ class PositionHeads(nn.Module):
             self.weight.grad.addcmul_(*outer)
             self.bias.grad.add_(grad_out)
         return torch.bmm(grad_out.unsqueeze(1), self.weight).squeeze(1)
+
+
+class SharedHead(ChunkHead):
+    """``head-type = "shared"``: ``chunk_j = W f_j + b[j]`` (one ``W`` per head)."""
+
+    def __init__(
+        self,
+        num_positions: int,
+        hidden_dim: int,
+        chunk_size: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(hidden_dim)
+        self.weight = _uniform((chunk_size, hidden_dim), bound, generator)
+        self.bias = _uniform((num_positions, chunk_size), bound, generator)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, features, self.weight.t())
+
+
+class LowRankHeads(ChunkHead):
+    """``head-type = "low-rank"``: ``chunk_j = A[j] (B f_j) + b[j]``, rank ``r``."""
+
+    def __init__(
+        self,
+        num_positions: int,
+        hidden_dim: int,
+        chunk_size: int,
+        rank: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.project = _uniform(
+            (rank, hidden_dim), 1 / math.sqrt(hidden_dim), generator
+        )
+        self.weight = _uniform(
+            (num_positions, chunk_size, rank), math.sqrt(3 / rank), generator
+        )
+        bound = 1.0 / math.sqrt(hidden_dim)
+        self.bias = _uniform((num_positions, chunk_size), bound, generator)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        low = features @ self.project.t()  # (n, r)
+        out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, low.unsqueeze(2))
+        return out.squeeze(2)
+
+
+def make_head(
+    head_type: HeadType,
+    num_positions: int,
+    hidden_dim: int,
+    chunk_size: int,
+    rank: int = 8,
+    generator: torch.Generator | None = None,
+) -> ChunkHead:
+    """The head of ``head_type`` for ``num_positions`` chunks (module docstring)."""
+    if head_type == "per-position":
+        return PositionHeads(num_positions, hidden_dim, chunk_size, generator)
+    if head_type == "shared":
+        return SharedHead(num_positions, hidden_dim, chunk_size, generator)
+    if head_type == "low-rank":
+        return LowRankHeads(num_positions, hidden_dim, chunk_size, rank, generator)
+    raise ValueError(
+        f"unknown head type {head_type!r}; allowed: per-position, shared, low-rank"
+    )
+
+
+def head_parameter_count(
+    head_type: HeadType,
+    num_positions: int,
+    hidden_dim: int,
+    chunk_size: int,
+    rank: int = 8,
+) -> int:
+    """Parameters of one head, without building it (module docstring's formulas)."""
+    n, h, c = num_positions, hidden_dim, chunk_size
+    if head_type == "per-position":
+        return n * c * (h + 1)
+    if head_type == "shared":
+        return c * h + n * c
+    if head_type == "low-rank":
+        return n * c * (rank + 1) + rank * h
+    raise ValueError(
+        f"unknown head type {head_type!r}; allowed: per-position, shared, low-rank"
+    )
 
 
 class ClientGenerator(nn.Module):
@@ -170,9 +297,12 @@ class HyperNetwork(ClientGenerator):
         ``d``, ``h``, number of extractor layers and ``C`` (paper: 64, 128, 3, 3072).
     embed_init_std : float
         Standard deviation of the embedding initialisation (paper: 0.002).
+    head_type, head_rank
+        ``per-position`` (the paper), ``shared`` or ``low-rank`` (of rank
+        ``head_rank``); see the module docstring.
     """
 
-    shape_names = "embed-dim, hidden-dim, hidden-layers, chunk-size"
+    shape_names = "embed-dim, hidden-dim, hidden-layers, chunk-size, head-type"
 
     def __init__(
         self,
@@ -181,8 +311,13 @@ class HyperNetwork(ClientGenerator):
         hidden_layers: int = 3,
         chunk_size: int = 3072,
         embed_init_std: float = 0.002,
+        head_type: HeadType = "per-position",
+        head_rank: int = 8,
     ) -> None:
         super().__init__()
+        make_head(head_type, 1, 1, 1, head_rank)  # refuse an unknown type early
+        self.head_type = head_type
+        self.head_rank = head_rank
         self.embed_dim = embed_dim
         self.hidden_dim = hidden_dim
         self.chunk_size = chunk_size
@@ -223,8 +358,14 @@ class HyperNetwork(ClientGenerator):
         created: list[nn.Parameter] = []
         key = str(n)
         if key not in self.heads:
-            head = PositionHeads(n, self.hidden_dim, self.chunk_size, generator)
-            head = head.to(device)
+            head = make_head(
+                self.head_type,
+                n,
+                self.hidden_dim,
+                self.chunk_size,
+                self.head_rank,
+                generator,
+            ).to(device)
             self.heads[key] = head
             created += list(head.parameters())
         emb = torch.empty(n, self.embed_dim)
@@ -252,7 +393,7 @@ class HyperNetwork(ClientGenerator):
         """Add ``(d theta_name / d phi)^T delta`` to the ``.grad`` of the parameters.
 
         Equivalent to ``self(name).backward(delta)``: the head's part is computed
-        by :meth:`PositionHeads.accumulate_grad`, the extractor's and embedding's
+        by the head's :meth:`ChunkHead.accumulate_grad`, the extractor's and embedding's
         by autograd from the head's feature gradient. Positions past ``K`` (the
         truncated tail of the last chunk) get a zero output gradient.
         """
@@ -268,6 +409,9 @@ class HyperNetwork(ClientGenerator):
         if features.requires_grad:
             features.backward(grad_features)
 
-    def _shape(self) -> list[int]:
+    def _shape(self) -> list:
         layers = sum(isinstance(m, nn.Linear) for m in self.extractor)
-        return [self.embed_dim, self.hidden_dim, layers, self.chunk_size]
+        head = self.head_type
+        if head == "low-rank":
+            head = f"low-rank (head-rank {self.head_rank})"
+        return [self.embed_dim, self.hidden_dim, layers, self.chunk_size, head]
