@@ -91,6 +91,18 @@ class RunConfig(BaseModel):
     hidden_dim: int = Field(128, ge=1)
     hidden_layers: int = Field(3, ge=1)
     chunk_size: int = Field(3072, ge=1)
+    #: ``per-position`` (the paper) or a compact head: ``shared`` (one map per
+    #: head) or ``low-rank`` (per-position maps of rank ``head-rank``); see
+    #: :mod:`server_app.hypernet`.
+    head_type: Literal["per-position", "shared", "low-rank"] = "per-position"
+    head_rank: int = Field(8, ge=1)
+
+    # What crosses the wire for theta/delta (MH-pFedHN, MH-pFedHNGD): ``fp32``,
+    # ``fp16`` (both directions in half precision; the server keeps fp32) or
+    # ``topk`` (theta fp32 down, the ``topk-fraction`` largest-magnitude delta
+    # entries up as indices + values); see :mod:`common.transfer`.
+    transfer: Literal["fp32", "fp16", "topk"] = "fp32"
+    topk_fraction: float = Field(0.1, gt=0.0, le=1.0)
 
     # Clients that join after training (generalisation)
     train_clients: int = Field(0, ge=0)
@@ -189,6 +201,8 @@ class RunConfig(BaseModel):
 
 #: Strategies that train one architecture for every client.
 HOMOGENEOUS_STRATEGIES = ("fedavg", "pfedhn")
+#: Strategies that can send theta/delta lighter than float32 (``transfer``).
+TRANSFER_STRATEGIES = ("mh-pfedhn", "mh-pfedhngd")
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -198,6 +212,12 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"'{cfg.strategy}': it trains one architecture for every client, so "
             "'models' must name a single model (e.g. 'cnn'); use a model-"
             "heterogeneous strategy for a mixed list"
+        )
+    if cfg.transfer != "fp32" and cfg.strategy not in TRANSFER_STRATEGIES:
+        raise ConfigError(
+            f"run-config key 'transfer' = {cfg.transfer!r} is not allowed with "
+            f"strategy '{cfg.strategy}': it sends float32 only; 'fp16' and 'topk' "
+            f"are supported by {', '.join(TRANSFER_STRATEGIES)}"
         )
     if cfg.fedkd_energy_start > cfg.fedkd_energy_end:
         raise ConfigError(

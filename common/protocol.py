@@ -12,12 +12,27 @@ Train
     ``config`` with :data:`ROUND` plus the local hyperparameters.
     client -> server: ``arrays`` with :data:`DELTA` (``theta_sent - theta_trained``),
     ``info`` with the client name, ``metrics`` with :data:`NUM_EXAMPLES`,
-    :data:`LOSS` and :data:`SECONDS`; when the config sets :data:`EVALUATE_FIRST`,
-    also ``eval-metrics``: the evaluation below of the received model.
+    :data:`LOSS` and :data:`SECONDS` (wall-clock of the training loop), and
+    :data:`CPU_SECONDS` (its CPU time); when the config sets
+    :data:`EVALUATE_FIRST`, also ``eval-metrics``: the evaluation below of the
+    received model.
 Evaluate
     server -> client: ``arrays`` with :data:`THETA`, ``config`` with :data:`ROUND`.
     client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
-    :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples).
+    :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples), and
+    :data:`SECONDS` and :data:`CPU_SECONDS` of the evaluation loop.
+
+:data:`CPU_SECONDS`, and :data:`SECONDS` of an evaluation, are optional: the server
+only adds them up per round (``client_*_seconds_sum`` in ``metrics.jsonl``).
+
+Transfer modes (run-config ``transfer``; MH-pFedHN and MH-pFedHNGD, whose
+:data:`GLOBAL_THETA` / :data:`GLOBAL_DELTA` travel the same way)
+    ``fp32``: as above. ``fp16``: :data:`THETA` and :data:`DELTA` are float16.
+    ``topk``: :data:`THETA` float32 down; up, instead of :data:`DELTA`, the
+    ``ceil(topk-fraction * K)`` entries of largest magnitude as
+    :data:`DELTA_INDICES` (int32, strictly increasing, in ``[0, K)``) and
+    :data:`DELTA_VALUES` (float32, same length); :func:`sparse_keys` names them for
+    any base key. :mod:`common.transfer` encodes and decodes all three.
 
 Baselines carry other arrays in the same ``arrays`` record (each strategy
 module's docstring says which): a shared model or head as a flat vector
@@ -39,6 +54,10 @@ DELTA = "delta"
 #: MH-pFedHNGD: the round-start global model down, its trained delta up.
 GLOBAL_THETA = "global-theta"
 GLOBAL_DELTA = "global-delta"
+#: ``transfer = "topk"``: a sparse update as indices + values (see
+#: :func:`sparse_keys`), e.g. ``delta-indices`` / ``delta-values``.
+INDICES_SUFFIX = "-indices"
+VALUES_SUFFIX = "-values"
 #: Baselines: a flat classifier head (lg-fedavg, fedgh).
 HEAD = "head"
 #: Baselines: a flat shared model (fml, fedkd) down, and as trained up.
@@ -72,6 +91,17 @@ NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 CORRECT = "correct"
 SECONDS = "seconds"
+#: CPU time (``time.process_time``) of the client's training or evaluation loops.
+CPU_SECONDS = "cpu-seconds"
+
+
+def sparse_keys(key: str) -> tuple[str, str]:
+    """Names of the indices and values arrays of a sparse update of ``key``."""
+    return key + INDICES_SUFFIX, key + VALUES_SUFFIX
+
+
+DELTA_INDICES, DELTA_VALUES = sparse_keys(DELTA)
+GLOBAL_DELTA_INDICES, GLOBAL_DELTA_VALUES = sparse_keys(GLOBAL_DELTA)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,127}$")
 

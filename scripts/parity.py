@@ -8,6 +8,7 @@ Usage: python scripts/parity.py OUT_DIR NUM_CLIENTS key=value ...
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +22,18 @@ def main() -> None:
     overrides = {}
     for item in sys.argv[3:]:
         key, value = item.split("=", 1)
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-tf[" else value
+        try:  # numbers, booleans, lists; anything else is a string
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     out.mkdir(parents=True, exist_ok=True)
     link = SimulationSuperLink(out).start()
     try:
         start = time.time()
         proc = link.run(
-            {"results-dir": str(out / "results"), **overrides}, num, timeout=7200
+            {"results-dir": str(out / "results"), **overrides},
+            num,
+            timeout=float(os.environ.get("PARITY_TIMEOUT", 7200)),
         )
         print(f"flwr run exit {proc.returncode} after {time.time() - start:.0f} s")
         print(proc.stdout[-3000:], proc.stderr[-3000:])

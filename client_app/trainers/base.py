@@ -16,6 +16,7 @@ Two kinds of trainer share this base:
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -27,6 +28,7 @@ from torch import nn
 
 from common import protocol as P
 from common.flat import flatten_params, load_flat_
+from common.transfer import decode_dense
 
 from ..local import LocalClient
 from ..training import (
@@ -60,6 +62,9 @@ class ClientTrainer(ABC):
     def __init__(self, client: LocalClient, state: RecordDict | None = None) -> None:
         self.client = client
         self.state = state if state is not None else RecordDict()
+        #: CPU seconds of this message's training loops (:meth:`fit`), sent as
+        #: ``cpu-seconds`` with the reply; ``None`` until a loop ran.
+        self.fit_cpu_seconds: float | None = None
         if self.keeps_model and PARAMS_KEY in self.state:
             load_flat_(client.model, self.state[PARAMS_KEY][P.THETA].numpy())
 
@@ -75,7 +80,13 @@ class ClientTrainer(ABC):
         """
         arrays = content.array_records.get(P.ARRAYS)
         if arrays is not None and P.THETA in arrays:
-            load_flat_(self.client.model, arrays[P.THETA].numpy())
+            load_flat_(self.client.model, self.received(content, P.THETA))
+
+    @staticmethod
+    def received(content: RecordDict, key: str) -> np.ndarray:
+        """Flat vector ``key`` of a message as float32, whatever floating dtype
+        run-config ``transfer`` sent it in (:func:`common.transfer.decode_dense`)."""
+        return decode_dense(content[P.ARRAYS][key].numpy())
 
     def logits_fn(self, content: RecordDict) -> LogitsFn | None:
         """How evaluation turns inputs into class scores (default: the model)."""
@@ -96,7 +107,8 @@ class ClientTrainer(ABC):
         """
         client = self.client
         x, y = client.train_tensors()
-        return train_local(
+        cpu = time.process_time()
+        stats = train_local(
             model,
             x,
             y,
@@ -105,6 +117,9 @@ class ClientTrainer(ABC):
             loss_fn,
             params=params,
         )
+        cpu = time.process_time() - cpu
+        self.fit_cpu_seconds = (self.fit_cpu_seconds or 0.0) + cpu
+        return stats
 
     @staticmethod
     def train_metrics(stats: TrainStats, **extra: float) -> dict[str, float | int]:
@@ -117,13 +132,22 @@ class ClientTrainer(ABC):
         }
 
     def evaluate_metrics(self, content: RecordDict) -> dict[str, float | int]:
-        """Loss and accuracy counts of the personal model on the test split."""
+        """Loss and accuracy counts of the personal model on the test split, and
+        the wall-clock and CPU seconds of the evaluation loop (as a train reply
+        reports its training loop's)."""
         self.load_received(content)
         x, y = self.client.test_tensors()
+        start, cpu = time.perf_counter(), time.process_time()
         loss, correct, n = evaluate_local(
             self.client.model, x, y, logits_fn=self.logits_fn(content)
         )
-        return {P.NUM_EXAMPLES: n, P.CORRECT: correct, P.LOSS: loss}
+        return {
+            P.NUM_EXAMPLES: n,
+            P.CORRECT: correct,
+            P.LOSS: loss,
+            P.SECONDS: time.perf_counter() - start,
+            P.CPU_SECONDS: time.process_time() - cpu,
+        }
 
     def evaluate(self, content: RecordDict, server_round: int) -> RecordDict:
         """Reply to an EVALUATE message."""
@@ -132,7 +156,12 @@ class ClientTrainer(ABC):
     def reply(
         self, metrics: dict[str, float | int], **arrays: np.ndarray
     ) -> RecordDict:
-        """Reply content: the client's name, its metrics and named arrays."""
+        """Reply content: the client's name, its metrics and named arrays.
+
+        After training, the metrics also get the loops' ``cpu-seconds``.
+        """
+        if self.fit_cpu_seconds is not None and P.CPU_SECONDS not in metrics:
+            metrics = {**metrics, P.CPU_SECONDS: self.fit_cpu_seconds}
         content = RecordDict(
             {
                 P.INFO: ConfigRecord({P.CLIENT_NAME: self.client.name}),

@@ -5,6 +5,11 @@ global model): the client loads ``theta`` into its own architecture (BatchNorm
 statistics come from its kept state), trains it locally with cross-entropy, and
 returns ``delta = theta - theta_trained``. The hypernetwork strategies
 backpropagate it through the hypernetwork; FedAvg averages it.
+
+Run-config ``transfer`` (MH-pFedHN, MH-pFedHNGD; :mod:`common.transfer`): a
+float16 ``theta`` is cast to float32 before training, so ``delta`` is taken
+against the float32 vector the client actually trained from, and goes back as
+float16 (``fp16``) or as its largest-magnitude entries (``topk``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from flwr.app import RecordDict
 
 from common import protocol as P
 from common.flat import flatten_params
+from common.transfer import encode_update
 
 from ..training import LossFn, TrainStats, cross_entropy_loss
 from .base import ClientTrainer, register_trainer
@@ -25,7 +31,13 @@ class DeltaTrainer(ClientTrainer):
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
         delta, stats = self.train_received(content, server_round)
-        return self.reply(self.train_metrics(stats), **{P.DELTA: delta})
+        return self.reply(self.train_metrics(stats), **self.encode(P.DELTA, delta))
+
+    def encode(self, key: str, delta: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrays that send ``delta`` under base key ``key`` in the run's
+        ``transfer`` encoding (:func:`common.transfer.encode_update`)."""
+        cfg = self.client.cfg
+        return encode_update(delta, key, cfg.transfer, cfg.topk_fraction)
 
     def train_received(
         self,
@@ -34,8 +46,8 @@ class DeltaTrainer(ClientTrainer):
         loss_fn: LossFn = cross_entropy_loss,
     ) -> tuple[np.ndarray, TrainStats]:
         """Load ``theta``, train it locally, return ``theta - theta_trained``."""
-        theta = content[P.ARRAYS][P.THETA].numpy()
+        theta = self.received(content, P.THETA)
         self.load_received(content)
         stats = self.fit(self.client.model, server_round, loss_fn)
         trained = flatten_params(self.client.model).cpu().numpy()
-        return theta.astype(np.float32) - trained, stats
+        return theta - trained, stats

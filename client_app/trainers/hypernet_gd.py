@@ -5,7 +5,8 @@ vector ``g``. Phase A trains a copy of the global model (``global-model``) on th
 local data with cross-entropy and yields ``delta_g = g - g_trained``. Phase B
 trains the personal model with :func:`client_app.training.distillation_loss`,
 the teacher being the round-start ``g`` (not the fine-tuned copy). Both deltas go
-back; only the personal model is ever evaluated.
+back (in the run-config ``transfer`` encoding); only the personal model is
+ever evaluated.
 
 Deviation from the reference code: phase A clips its gradient norm at
 ``client-grad-clip`` like every local training here (the reference does not clip
@@ -41,12 +42,12 @@ class HypernetGDTrainer(DeltaTrainer):
 
     def train(self, content: RecordDict, server_round: int) -> RecordDict:
         cfg = self.client.cfg
-        g = content[P.ARRAYS][P.GLOBAL_THETA].numpy()
+        g = self.received(content, P.GLOBAL_THETA)
 
         # Phase A: fine-tune a copy of the global model with cross-entropy.
         student = self.global_model(g)
         global_stats = self.fit(student, server_round)
-        delta_g = g.astype(np.float32) - flatten_params(student).cpu().numpy()
+        delta_g = g - flatten_params(student).cpu().numpy()
 
         # Phase B: personal training distilled from the round-start global model.
         teacher = self.global_model(g).eval()
@@ -61,4 +62,5 @@ class HypernetGDTrainer(DeltaTrainer):
         delta, stats = self.train_received(content, server_round, loss_fn)
         metrics = self.train_metrics(stats, **{P.GLOBAL_LOSS: global_stats.loss})
         metrics[P.SECONDS] = stats.seconds + global_stats.seconds
-        return self.reply(metrics, **{P.DELTA: delta, P.GLOBAL_DELTA: delta_g})
+        arrays = self.encode(P.DELTA, delta) | self.encode(P.GLOBAL_DELTA, delta_g)
+        return self.reply(metrics, **arrays)

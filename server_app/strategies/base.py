@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from common import protocol as P
 from common.config import RunConfig
+from common.transfer import check_dense, decode_update, update_keys
 
 from ..checkpoint import (
     CHECKPOINT_FILE,
@@ -93,6 +94,7 @@ class HeteroStrategy(Strategy):
         self.server_seconds = 0.0
         self.bytes_down = 0
         self.bytes_up = 0
+        self.reset_client_seconds()
         self.last_train_metrics: dict[str, float] = {}
         self.last_eval: dict[str, Any] | None = None
         self.carried_eval: dict[str, Any] | None = None
@@ -133,38 +135,64 @@ class HeteroStrategy(Strategy):
         """Array ``key`` of a reply as float32, or ``None`` (logged, counted).
 
         Rejected: a missing array, a non-floating dtype, a shape other than
-        ``shape`` (when given), NaN or Inf, and for an ``update`` (a delta) an L2
-        norm above ``max-delta-norm`` (when set). Nothing of the server state is
-        touched here, so a rejected reply changes nothing.
+        ``shape`` (when given), NaN or Inf (:func:`common.transfer.check_dense`),
+        and for an ``update`` (a delta) an L2 norm above ``max-delta-norm`` (when
+        set). Nothing of the server state is touched here, so a rejected reply
+        changes nothing.
         """
         try:
             value = content[P.ARRAYS][key].numpy()
         except (KeyError, TypeError, ValueError) as err:
             self.reject(client.name, "train", f"no usable array '{key}' ({err})")
             return None
-        if not np.issubdtype(value.dtype, np.floating) or (
-            shape is not None and value.shape != shape
-        ):
-            expected = f"shape {shape}" if shape is not None else "any shape"
-            self.reject(
-                client.name,
-                "train",
-                f"array '{key}' has shape {value.shape} and dtype {value.dtype}; "
-                f"expected {expected}, floating",
-            )
+        try:
+            value = check_dense(value, key, shape)
+        except ValueError as err:
+            self.reject(client.name, "train", str(err))
             return None
-        if not np.isfinite(value).all():
-            self.reject(client.name, "train", f"array '{key}' holds NaN or Inf")
+        return self.within_norm(client, key, value) if update else value
+
+    def reply_update(
+        self, client: ClientInfo, content: RecordDict, key: str, length: int
+    ) -> np.ndarray | None:
+        """The update (a delta) of ``length`` values sent under base key ``key``
+        in the run's ``transfer`` encoding, as dense float32, or ``None`` (logged,
+        counted).
+
+        Rejected: whatever :func:`common.transfer.decode_update` refuses (missing
+        arrays, wrong dtypes or lengths, NaN or Inf, bad sparse indices, more than
+        ``k`` sparse entries), and an L2 norm of the rebuilt dense delta above
+        ``max-delta-norm``. A rejected reply changes nothing.
+        """
+        mode = self.cfg.transfer
+        record = content.array_records.get(P.ARRAYS)
+        if record is None:
+            self.reject(client.name, "train", f"no '{P.ARRAYS}' record")
             return None
+        try:
+            arrays = {
+                n: record[n].numpy() for n in update_keys(key, mode) if n in record
+            }
+            value = decode_update(arrays, key, length, mode, self.cfg.topk_fraction)
+        except (TypeError, ValueError) as err:
+            self.reject(client.name, "train", str(err))
+            return None
+        return self.within_norm(client, key, value)
+
+    def within_norm(
+        self, client: ClientInfo, key: str, value: np.ndarray
+    ) -> np.ndarray | None:
+        """``value`` if its L2 norm is at most ``max-delta-norm`` (when set), else
+        ``None`` (logged, counted)."""
         limit = self.cfg.max_delta_norm
-        if update and limit and (norm := float(np.linalg.norm(value))) > limit:
+        if limit and (norm := float(np.linalg.norm(value))) > limit:
             self.reject(
                 client.name,
                 "train",
                 f"array '{key}' has norm {norm:.4g} > max-delta-norm = {limit}",
             )
             return None
-        return value.astype(np.float32, copy=False)
+        return value
 
     @staticmethod
     def num_examples(content: RecordDict) -> int:
@@ -383,9 +411,42 @@ class HeteroStrategy(Strategy):
                 self.reject(name, "carried evaluation", carried)
                 del content[P.EVAL_METRICS]
             self.bytes_up += payload_bytes(content)
+            self.count_client_seconds(kind, content)
             valid.append((self.clients[name], content))
         # Replies arrive in any order; results must not depend on it.
         return sorted(valid, key=lambda pair: pair[0].name)
+
+    def reset_client_seconds(self) -> None:
+        """Start new sums of client-reported compute and a new window of this
+        process's CPU time (see :meth:`round_costs`)."""
+        self.client_train_seconds_sum = 0.0
+        self.client_eval_seconds_sum = 0.0
+        self.client_cpu_seconds_sum = 0.0
+        self.client_messages = 0
+        self.process_cpu_start = time.process_time()
+
+    def count_client_seconds(self, kind: str, content: RecordDict) -> None:
+        """Add one accepted reply's client-measured compute to the current sums.
+
+        A train reply's ``seconds`` (local training, required) goes to the train
+        sum; the ``seconds`` of an evaluation reply and of the evaluation a train
+        reply carries (the evaluation loop; optional, absent from older clients)
+        go to the evaluation sum; the ``cpu-seconds`` of all of them (optional)
+        to the CPU sum. Replies count when they are processed, whatever round
+        they answer, so the sums cover the same wall-clock window as the
+        record's ``round_seconds`` (a carried evaluation of round ``r`` is
+        counted in round ``r + 1``, whose messages it rode on).
+        """
+        self.client_messages += 1
+        metrics = content.metric_records.get(P.METRICS)
+        carried = content.metric_records.get(P.EVAL_METRICS)
+        if kind == "train":
+            self.client_train_seconds_sum += _seconds(metrics)
+            self.client_eval_seconds_sum += _seconds(carried)
+        else:
+            self.client_eval_seconds_sum += _seconds(metrics)
+        for record in (metrics, carried):
+            self.client_cpu_seconds_sum += _seconds(record, P.CPU_SECONDS)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -588,6 +649,7 @@ class HeteroStrategy(Strategy):
             self.current_round, self.rejected = rnd, 0
             self.server_seconds = 0.0
             self.bytes_down = self.bytes_up = 0
+            self.reset_client_seconds()
             self.admit_new_nodes(grid, results)
             self.evaluate_first = waiting is not None
             train_metrics = self.train_phase(grid, rnd)
@@ -614,13 +676,33 @@ class HeteroStrategy(Strategy):
             self.save_checkpoint(results, rnd, waiting)
 
     def round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
-        return record | {
+        """The record's costs since ``t0``: wall-clock, server and client compute,
+        bytes and server memory.
+
+        ``client_train_seconds_sum`` / ``client_eval_seconds_sum`` add up the
+        seconds the clients report for their training and evaluation loops over
+        the ``client_messages`` replies processed in that window, and
+        ``client_cpu_seconds_sum`` their CPU time (:meth:`count_client_seconds`);
+        ``server_process_cpu_seconds`` is the CPU time of this whole process in
+        the window (server compute, and in simulation also the engine that runs
+        in it); ``finished_at`` the Unix time of the record. The sums and the
+        window start again afterwards.
+        """
+        costs = record | {
             "round_seconds": time.perf_counter() - t0,
             "server_seconds": self.server_seconds,
+            "client_train_seconds_sum": self.client_train_seconds_sum,
+            "client_eval_seconds_sum": self.client_eval_seconds_sum,
+            "client_cpu_seconds_sum": self.client_cpu_seconds_sum,
+            "client_messages": self.client_messages,
+            "server_process_cpu_seconds": time.process_time() - self.process_cpu_start,
+            "finished_at": time.time(),
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
             **server_memory_mb(),
         }
+        self.reset_client_seconds()
+        return costs
 
     def finish_round(
         self,
@@ -652,6 +734,14 @@ class HeteroStrategy(Strategy):
             record["bytes_down"] / 1e6,
             record["bytes_up"] / 1e6,
         )
+
+
+def _seconds(metrics: MetricRecord | None, key: str = P.SECONDS) -> float:
+    """A record's ``key`` metric when it is a finite number >= 0, else 0."""
+    value = None if metrics is None else metrics.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return 0.0
+    return float(value) if np.isfinite(value) and value >= 0 else 0.0
 
 
 def summarise_evaluation(

@@ -30,8 +30,11 @@ gradient and are skipped by Adam, exactly as in the reference code.
     ``sum_i w_i g_i`` with ``w_i = n_i / sum_j n_j`` (``n_i`` the client's
     training examples).
 
-Wire: ``theta`` down (float32, ``K_i`` values), ``delta`` up (same size). The
-server never learns the clients' architectures, only ``K_i``.
+Wire: ``theta`` down (``K_i`` values), ``delta`` up (same size), float32 by
+default; run-config ``transfer`` sends both as float16 (``fp16``) or the delta as
+its ``ceil(topk-fraction * K_i)`` largest-magnitude entries (``topk``), see
+:mod:`common.transfer`. The server keeps everything in float32. It never learns
+the clients' architectures, only ``K_i``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from flwr.serverapp.strategy import Result
 
 from common import protocol as P
 from common.config import RunConfig
+from common.transfer import encode_dense
 
 from ..exchange import POLL_SECONDS
 from ..hypernet import HyperNetwork
@@ -91,6 +95,8 @@ class MHPFedHN(HeteroStrategy):
             hidden_layers=cfg.hidden_layers,
             chunk_size=cfg.chunk_size,
             embed_init_std=cfg.embed_init_std,
+            head_type=cfg.head_type,
+            head_rank=cfg.head_rank,
         ).to(self.device)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
@@ -138,9 +144,13 @@ class MHPFedHN(HeteroStrategy):
             self._theta_cache[name] = self.hn.generate(name).numpy()
         return self._theta_cache[name]
 
+    def wire(self, vector: np.ndarray) -> Array:
+        """A generated vector as it goes down under run-config ``transfer``."""
+        return Array(encode_dense(vector, self.cfg.transfer))
+
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
-        theta = self.theta(client.name)
-        return RecordDict({P.ARRAYS: ArrayRecord({P.THETA: Array(theta)})})
+        theta = self.wire(self.theta(client.name))
+        return RecordDict({P.ARRAYS: ArrayRecord({P.THETA: theta})})
 
     # -- update -----------------------------------------------------------------------
     def hn_step(self, items: list[tuple[str, torch.Tensor, float]]) -> float:
@@ -165,11 +175,12 @@ class MHPFedHN(HeteroStrategy):
     ) -> torch.Tensor | None:
         """A reply's delta as a float32 tensor, or ``None`` (logged) if unusable.
 
-        ``key`` names the array; ``of`` the hypernetwork entry it must fit
+        ``key`` is its base key (decoded under run-config ``transfer``, see
+        :meth:`reply_update`); ``of`` the hypernetwork entry it must fit
         (default: the client's own).
         """
-        expected = (self.hn.num_params[of or client.name],)
-        delta = self.reply_array(client, content, key, expected, update=True)
+        length = self.hn.num_params[of or client.name]
+        delta = self.reply_update(client, content, key, length)
         return None if delta is None else torch.from_numpy(delta)
 
     def absorb(self, client: ClientInfo, content: RecordDict) -> None:

@@ -22,7 +22,8 @@ the personal step, as in the reference; with ``sequential`` the personal updates
 are applied as replies arrive and the global step closes the round (it needs
 every client's ``delta_g``), so the next round's models include it.
 
-Wire: down ``theta_i`` and ``g`` (float32), up ``delta_i`` and ``delta_g,i``.
+Wire: down ``theta_i`` and ``g``, up ``delta_i`` and ``delta_g,i``, each in the
+run-config ``transfer`` encoding (:mod:`common.transfer`; default float32).
 Evaluation sends only ``theta_i``: the global model is never evaluated.
 """
 
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from logging import INFO
 
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from flwr.common.logger import log
 
 from common import protocol as P
@@ -73,8 +74,8 @@ class MHPFedHNGD(MHPFedHN):
             {
                 P.ARRAYS: ArrayRecord(
                     {
-                        P.THETA: Array(self.theta(client.name)),
-                        P.GLOBAL_THETA: Array(self._global),
+                        P.THETA: self.wire(self.theta(client.name)),
+                        P.GLOBAL_THETA: self.wire(self._global),
                     }
                 )
             }
