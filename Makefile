@@ -71,6 +71,9 @@ deploy-test: install
 # Benchmarks: each prints a table and writes bench/results/<name>.json.
 bench: install
 	$(BIN)/python -m bench.hypernet
+	$(BIN)/python -m bench.round --data-dir $(DATA_DIR)
+	$(BIN)/python -m bench.scale --data-dir $(DATA_DIR)
+	$(BIN)/python -m bench.comm
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache
