@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from common.config import RunConfig
 from server_app.hypernet import HyperNetwork, PositionHeads
+from server_app.registry import ClientInfo
 from server_app.strategies.mh_pfedhn import MHPFedHN
 
 
@@ -168,3 +170,21 @@ def test_theta_cache_is_cleared_by_an_update():
     assert strat.theta("a") is first
     strat.hn_step([("a", torch.randn(120), 1.0)])
     assert not (strat.theta("a") == first).all()
+
+
+def test_evaluation_vectors_are_not_cached():
+    """Evaluating every client must not keep every client's theta in memory."""
+    strat = _strategy()
+    infos = {
+        n: ClientInfo(n, i + 1, k, 10, 10, 10, 3)
+        for i, (n, k) in enumerate([("a", 120), ("b", 300), ("c", 130)])
+    }
+    sent = strat.eval_payload(infos["b"], 1)
+    assert strat._theta_cache == {}
+    train = strat.train_payload(infos["a"], 1)
+    assert set(strat._theta_cache) == {"a"}
+    again = strat.eval_payload(infos["a"], 1)  # reuses the training vector
+    np.testing.assert_array_equal(
+        again["arrays"]["theta"].numpy(), train["arrays"]["theta"].numpy()
+    )
+    assert sent["arrays"]["theta"].numpy().shape == (300,)

@@ -138,11 +138,18 @@ class MHPFedHN(HeteroStrategy):
         }
 
     # -- messages ---------------------------------------------------------------------
-    def theta(self, name: str) -> np.ndarray:
-        """``theta`` of ``name`` under the current hypernetwork (float32, CPU)."""
-        if name not in self._theta_cache:
-            self._theta_cache[name] = self.hn.generate(name).numpy()
-        return self._theta_cache[name]
+    def theta(self, name: str, keep: bool = True) -> np.ndarray:
+        """``theta`` of ``name`` under the current hypernetwork (float32, CPU).
+
+        ``keep``: cache it until the next update (evaluation does not, see
+        :meth:`eval_payload`).
+        """
+        vector = self._theta_cache.get(name)
+        if vector is None:
+            vector = self.hn.generate(name).numpy()
+            if keep:
+                self._theta_cache[name] = vector
+        return vector
 
     def wire(self, vector: np.ndarray) -> Array:
         """A generated vector as it goes down under run-config ``transfer``."""
@@ -150,6 +157,16 @@ class MHPFedHN(HeteroStrategy):
 
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         theta = self.wire(self.theta(client.name))
+        return RecordDict({P.ARRAYS: ArrayRecord({P.THETA: theta})})
+
+    def eval_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
+        """``theta`` only; a vector generated for evaluation is not cached.
+
+        Every registered client is evaluated, so caching those vectors would keep
+        ``K`` floats per client in memory until the next update (936 MB for 1000
+        CNN clients); training messages, for the sampled clients only, are cached.
+        """
+        theta = self.wire(self.theta(client.name, keep=False))
         return RecordDict({P.ARRAYS: ArrayRecord({P.THETA: theta})})
 
     # -- update -----------------------------------------------------------------------

@@ -81,9 +81,6 @@ class MHPFedHNGD(MHPFedHN):
             }
         )
 
-    def eval_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
-        return super().train_payload(client, server_round)
-
     def global_step(self, replies: list[tuple[ClientInfo, RecordDict]]) -> None:
         """One Adam step on the example-weighted sum of the global VJPs.
 
