@@ -4,7 +4,7 @@ Setting: the default MH-pFedHN run (10 CNN clients on the CIFAR-10 copy,
 pathological 2 classes, seed 42, ``hn-window = 2``, evaluation every round),
 through a real ``flwr run`` on a private simulation SuperLink with
 ``simulation.toml``'s resources (1 CPU per client: ``P = cpus // 1`` ClientApps
-run at once, 2 on our 2-core machines). ``--rounds`` rounds (default 6).
+run at once, 2 on our 2-core machines). ``--rounds`` rounds (default 10).
 
 Per round, from the run's ``metrics.jsonl``:
 
@@ -35,7 +35,8 @@ machine: the benchmark also reads the machine's CPU time and reports what other
 jobs used during the run (``quiet_machine`` in the JSON, a warning when above
 5%). So it also splits each round's *CPU time*, which other jobs do not
 inflate: every process of the run is read from ``/proc`` twice a second
-(:class:`bench.simulation.MemorySampler`), and between the ``finished_at`` times
+(:class:`bench.simulation.MemorySampler`, without PSS: about 1% of a core),
+and between the ``finished_at`` times
 of consecutive records
 
 - ``total``: CPU seconds of all the run's processes;
@@ -62,7 +63,7 @@ and the summary the mean over rounds ``2 .. N-1``. Targets: ``other`` at most
 10% of the round, and seconds per round below the authors' script's 6.7 s on
 the same machine.
 
-    python -m bench.round [--rounds 6] [--clients 10] [--data-dir DIR]
+    python -m bench.round [--rounds 10] [--clients 10] [--data-dir DIR]
                           [--workdir DIR] [--out DIR] [key=value ...]
 
 Extra ``key=value`` arguments override the run config (e.g. ``hn-window=1``).
@@ -226,7 +227,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--client-cpus", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=default_data_dir())
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     workers = parallel_workers(args.client_cpus)
     load_before = os.getloadavg()
     print(f"flwr run: {args.clients} clients, {config} (workdir {workdir})")
-    with MemorySampler(interval=0.5) as sampler:
+    with MemorySampler(interval=0.5, pss=False) as sampler:
         run = run_simulation(
             workdir,
             config,

@@ -96,10 +96,13 @@ def machine_busy_seconds(proc: Path = PROC) -> tuple[float, float]:
     return busy / tick, sum(ticks) / tick
 
 
-def read_process(pid: int, proc: Path = PROC) -> dict[str, Any] | None:
+def read_process(
+    pid: int, proc: Path = PROC, pss: bool = True
+) -> dict[str, Any] | None:
     """``{pid, kind, rss_kb, hwm_kb, pss_kb, cpu_s}`` of one process, or ``None``
     when it is gone, exiting (its command line is already empty), a zombie or a
-    kernel thread."""
+    kernel thread. Without ``pss`` (reading ``smaps_rollup`` costs milliseconds
+    per process), ``pss_kb`` is the RSS."""
     base = proc / str(pid)
     try:
         status = (base / "status").read_text()
@@ -110,19 +113,22 @@ def read_process(pid: int, proc: Path = PROC) -> dict[str, Any] | None:
     fields = _kb_fields(status, ("VmRSS", "VmHWM"))
     if "VmRSS" not in fields:
         return None
-    try:
-        pss = _kb_fields((base / "smaps_rollup").read_text(), ("Pss",)).get("Pss")
-    except OSError:
-        pss = None
     argv = [a for a in cmdline.decode(errors="replace").split("\0") if a]
     if not argv:
         return None
+    shared = None
+    if pss:
+        try:
+            rollup = (base / "smaps_rollup").read_text()
+            shared = _kb_fields(rollup, ("Pss",)).get("Pss")
+        except OSError:
+            pass
     return {
         "pid": pid,
         "kind": process_kind(argv),
         "rss_kb": fields["VmRSS"],
         "hwm_kb": fields.get("VmHWM", fields["VmRSS"]),
-        "pss_kb": fields["VmRSS"] if pss is None else pss,
+        "pss_kb": fields["VmRSS"] if shared is None else shared,
         "cpu_s": cpu,
     }
 
@@ -156,9 +162,9 @@ def process_kind(argv: list[str]) -> str:
     return "other"
 
 
-def sample(root: int, proc: Path = PROC) -> list[dict[str, Any]]:
+def sample(root: int, proc: Path = PROC, pss: bool = True) -> list[dict[str, Any]]:
     """One reading of every live descendant of ``root``."""
-    found = (read_process(pid, proc) for pid in _descendants(root))
+    found = (read_process(pid, proc, pss) for pid in _descendants(root))
     return [p for p in found if p is not None]
 
 
@@ -269,13 +275,32 @@ def cpu_between(
     return dict(sorted(kinds.items()))
 
 
+def peak_rss_mb(
+    samples: list[list[dict[str, Any]]],
+    times: list[float],
+    kind: str,
+    until: float | None = None,
+) -> float | None:
+    """Largest summed RSS (MB) of the processes of ``kind`` in the readings up to
+    Unix time ``until`` (all readings when ``None``); ``None`` without any."""
+    sums = [
+        sum(p["rss_kb"] for p in reading if p["kind"] == kind) / 1024
+        for when, reading in zip(times, samples, strict=True)
+        if until is None or when <= until
+    ]
+    return max(sums, default=None)
+
+
 class MemorySampler:
     """Samples the descendants of this process in a background thread (and the
     machine's CPU time at the start and end)."""
 
-    def __init__(self, interval: float = 1.0, root: int | None = None) -> None:
+    def __init__(
+        self, interval: float = 1.0, root: int | None = None, pss: bool = True
+    ) -> None:
         self.interval = interval
         self.root = root or os.getpid()
+        self.pss = pss
         self.samples: list[list[dict[str, Any]]] = []
         #: Unix time of each reading in :attr:`samples`.
         self.times: list[float] = []
@@ -292,7 +317,7 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            reading = sample(self.root)
+            reading = sample(self.root, pss=self.pss)
             if reading:
                 self.times.append(time.time())
                 self.samples.append(reading)
@@ -334,6 +359,8 @@ class SimulationRun:
     timed_out: bool
     wall_seconds: float
     run_dir: Path
+    #: Unix time at which ``flwr run`` started (``lines`` count from there).
+    started_at: float
     #: ``(seconds since the start of flwr run, line)`` of its streamed output.
     lines: list[tuple[float, str]] = field(default_factory=list)
 
@@ -387,7 +414,7 @@ def run_simulation(
     }
     lines: list[tuple[float, str]] = []
     link = SimulationSuperLink(workdir.resolve()).start()
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     try:
         code, timed_out = link.run_logged(
             config,
@@ -400,9 +427,8 @@ def run_simulation(
     finally:
         wall = time.monotonic() - start
         link.stop()
-    return SimulationRun(
-        code, timed_out, wall, Path(config["results-dir"]) / config["run-name"], lines
-    )
+    run_dir = Path(config["results-dir"]) / config["run-name"]
+    return SimulationRun(code, timed_out, wall, run_dir, started_at, lines)
 
 
 _ROUND_LINE = re.compile(r"round (\d+)/(\d+) \| train loss \S+ \| ([\d.]+) s")
@@ -412,11 +438,22 @@ def train_only_rounds(lines: list[tuple[float, str]]) -> dict[int, float]:
     """``{round: train seconds}`` of the rounds without evaluation, from the
     ServerApp's ``round r/N | train loss L | S s`` log lines (such rounds write
     no ``metrics.jsonl`` row)."""
+    return {r: seconds for r, (seconds, _) in _train_only(lines).items()}
+
+
+def round_logged_at(lines: list[tuple[float, str]], rnd: int) -> float | None:
+    """When (seconds after the start) the line of train-only round ``rnd``
+    arrived: just after that round ended."""
+    found = _train_only(lines).get(rnd)
+    return None if found is None else found[1]
+
+
+def _train_only(lines: list[tuple[float, str]]) -> dict[int, tuple[float, float]]:
     found = {}
-    for _, line in lines:
+    for at, line in lines:
         match = _ROUND_LINE.search(line)
         if match:
-            found[int(match.group(1))] = float(match.group(3))
+            found[int(match.group(1))] = (float(match.group(3)), at)
     return found
 
 

@@ -22,8 +22,10 @@ from bench.simulation import (
     cpu_share,
     machine_busy_seconds,
     mem_available_mb,
+    peak_rss_mb,
     process_kind,
     read_process,
+    round_logged_at,
     sample,
     summarise_samples,
     train_only_rounds,
@@ -174,6 +176,7 @@ def test_read_process_and_sample_from_a_fake_proc(tmp_path):
         "cpu_s": 300 / tick,
     }
     assert read_process(102, proc)["pss_kb"] == 2048  # no smaps_rollup: RSS
+    assert read_process(101, proc, pss=False)["pss_kb"] == 4096  # not read: RSS
     assert read_process(999, proc) is None
     fake_process(proc, 103, 101, [], rss=10, hwm=10)  # exiting: empty cmdline
     assert read_process(103, proc) is None
@@ -346,6 +349,7 @@ LINES = [
 
 def test_round_seconds_from_log_lines_and_rows():
     assert train_only_rounds(LINES) == {1: 17.25, 2: 11.5}
+    assert round_logged_at(LINES, 2) == 72.0 and round_logged_at(LINES, 3) is None
     rows = [{"round": 3, "train_seconds": 12.5, "round_seconds": 228.0}]
     assert round_seconds(LINES, rows) == {1: 17.25, 2: 11.5, 3: 12.5}
 
@@ -359,11 +363,24 @@ def test_hypernetwork_facts():
     assert facts["embedding_adam_mb"] == pytest.approx(3 * facts["embedding_mb"])
 
 
+def test_peak_rss_mb_of_a_kind_until_a_time():
+    samples = [
+        reading((1, "server", 1024, 1024, 0), (2, "actor", 4096, 4096, 0)),
+        reading((1, "server", 2048, 2048, 0), (3, "server", 1024, 1024, 0)),
+        reading((1, "server", 8192, 8192, 0)),
+    ]
+    times = [1.0, 2.0, 3.0]
+    assert peak_rss_mb(samples, times, "server") == 8.0
+    assert peak_rss_mb(samples, times, "server", until=2.5) == 3.0
+    assert peak_rss_mb(samples, times, "server", until=0.5) is None
+
+
 def test_growth():
     def result(n, server, emb, seconds):
         return {
             "clients": n,
             "server_peak_rss_mb": server,
+            "server_rss_training_mb": server / 2,
             "embedding_mb": emb,
             "embedding_adam_mb": 3 * emb,
             "s_per_round": seconds,
@@ -372,6 +389,7 @@ def test_growth():
 
     change = growth([result(100, 1000.0, 2.0, 2.0), result(1000, 1100.0, 20.0, 10.0)])
     assert change["server_peak_rss_mb"] == 100.0
+    assert change["server_rss_training_mb"] == 50.0
     assert change["embedding_mb"] == 18.0 and change["embedding_adam_mb"] == 54.0
     assert change["s_per_round_ratio"] == 5.0
     assert growth([result(100, 1.0, 1.0, 1.0)]) is None
