@@ -32,13 +32,12 @@ import torch
 from torch import nn
 
 from common.models import build_model, num_chunks, num_trainable
-from server_app.hypernet import HyperNetwork
+from server_app.hypernet import HEAD_TYPES, HyperNetwork
 
 from .common import DEFAULT_OUT, print_table, write_json
 
 MODELS = ("cnn", "vgg8", "resnet10", "resnet12", "resnet18")
 CHUNK, EMBED, HIDDEN, LAYERS, LR, CLIP, RANK = 3072, 64, 128, 3, 2e-4, 50.0, 8
-HEAD_TYPES = ("per-position", "shared", "low-rank")
 
 
 class LoopHyperNetwork(nn.Module):

@@ -39,7 +39,7 @@ Only the hypernetwork's state lives here; how replies update it is
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 from torch import nn
@@ -47,6 +47,15 @@ from torch import nn
 from common.models import num_chunks
 
 HeadType = Literal["per-position", "shared", "low-rank"]
+HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
+
+
+def check_head_type(head_type: str) -> None:
+    """Raise ``ValueError`` naming the allowed types if ``head_type`` is unknown."""
+    if head_type not in HEAD_TYPES:
+        raise ValueError(
+            f"unknown head type {head_type!r}; allowed: {', '.join(HEAD_TYPES)}"
+        )
 
 
 class ChunkHead(nn.Module):
@@ -185,15 +194,12 @@ def make_head(
     generator: torch.Generator | None = None,
 ) -> ChunkHead:
     """The head of ``head_type`` for ``num_positions`` chunks (module docstring)."""
+    check_head_type(head_type)
     if head_type == "per-position":
         return PositionHeads(num_positions, hidden_dim, chunk_size, generator)
     if head_type == "shared":
         return SharedHead(num_positions, hidden_dim, chunk_size, generator)
-    if head_type == "low-rank":
-        return LowRankHeads(num_positions, hidden_dim, chunk_size, rank, generator)
-    raise ValueError(
-        f"unknown head type {head_type!r}; allowed: per-position, shared, low-rank"
-    )
+    return LowRankHeads(num_positions, hidden_dim, chunk_size, rank, generator)
 
 
 def head_parameter_count(
@@ -204,16 +210,13 @@ def head_parameter_count(
     rank: int = 8,
 ) -> int:
     """Parameters of one head, without building it (module docstring's formulas)."""
+    check_head_type(head_type)
     n, h, c = num_positions, hidden_dim, chunk_size
     if head_type == "per-position":
         return n * c * (h + 1)
     if head_type == "shared":
         return c * h + n * c
-    if head_type == "low-rank":
-        return n * c * (rank + 1) + rank * h
-    raise ValueError(
-        f"unknown head type {head_type!r}; allowed: per-position, shared, low-rank"
-    )
+    return n * c * (rank + 1) + rank * h
 
 
 class ClientGenerator(nn.Module):
@@ -315,7 +318,7 @@ class HyperNetwork(ClientGenerator):
         head_rank: int = 8,
     ) -> None:
         super().__init__()
-        make_head(head_type, 1, 1, 1, head_rank)  # refuse an unknown type early
+        check_head_type(head_type)
         self.head_type = head_type
         self.head_rank = head_rank
         self.embed_dim = embed_dim

@@ -36,7 +36,7 @@ from server_app.strategies.mh_pfedhn import MHPFedHN
 from server_app.strategies.mh_pfedhngd import GLOBAL
 from tests.test_e2e import write_learnable_imagefolder
 from tests.test_strategy import base_config, run
-from tests.test_validation import assert_same, registry, reply, snapshot
+from tests.test_validation import apply, assert_same, registry, reply, snapshot
 
 RNG = np.random.default_rng(0)
 
@@ -202,15 +202,6 @@ def sparse_reply(arrays: dict[str, np.ndarray]):
         {key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()}
     )
     return message
-
-
-def apply(strategy: MHPFedHN, message, mode: str) -> None:
-    valid = strategy._valid_replies(1, [message], "train")
-    if mode == "sequential":
-        for client, content in valid:
-            strategy.absorb(client, content)
-    elif valid:
-        strategy.apply_train_replies(1, valid)
 
 
 HUGE = (sparse(range(10), np.full(10, 40.0)), "max-delta-norm")  # norm 126 > 100

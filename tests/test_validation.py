@@ -144,6 +144,17 @@ def assert_same(before, after) -> None:
             assert torch.equal(value, new[index][name]), (index, name)
 
 
+def apply(strategy, message, mode: str) -> None:
+    """Validate ``message`` as a round-1 train reply and apply what passes, one
+    reply at a time (``sequential``) or as a round's batch (``mean``)."""
+    valid = strategy._valid_replies(1, [message], "train")
+    if mode == "sequential":
+        for client, content in valid:
+            strategy.absorb(client, content)
+    elif valid:
+        strategy.apply_train_replies(1, valid)
+
+
 @settings(
     max_examples=60,
     deadline=None,
@@ -154,12 +165,7 @@ def test_malformed_replies_change_nothing(hn_strategy, message, mode):
     strategy = hn_strategy
     before = snapshot(strategy)
     strategy.rejected = 0
-    valid = strategy._valid_replies(1, [message], "train")
-    if mode == "sequential":
-        for client, content in valid:
-            strategy.absorb(client, content)
-    elif valid:
-        strategy.apply_train_replies(1, valid)
+    apply(strategy, message, mode)
     assert strategy.rejected == 1
     assert_same(before, snapshot(strategy))
 
