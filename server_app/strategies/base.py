@@ -91,10 +91,7 @@ class HeteroStrategy(Strategy):
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.clients = ClientRegistry()
-        self.server_seconds = 0.0
-        self.bytes_down = 0
-        self.bytes_up = 0
-        self.reset_client_seconds()
+        self.start_costs()
         self.last_train_metrics: dict[str, float] = {}
         self.last_eval: dict[str, Any] | None = None
         self.carried_eval: dict[str, Any] | None = None
@@ -416,9 +413,12 @@ class HeteroStrategy(Strategy):
         # Replies arrive in any order; results must not depend on it.
         return sorted(valid, key=lambda pair: pair[0].name)
 
-    def reset_client_seconds(self) -> None:
-        """Start new sums of client-reported compute and a new window of this
-        process's CPU time (see :meth:`round_costs`)."""
+    def start_costs(self) -> None:
+        """Start a new window of the costs a record reports (:meth:`round_costs`):
+        server compute, bytes, the sums of client-reported compute and this
+        process's CPU time."""
+        self.server_seconds = 0.0
+        self.bytes_down = self.bytes_up = 0
         self.client_train_seconds_sum = 0.0
         self.client_eval_seconds_sum = 0.0
         self.client_cpu_seconds_sum = 0.0
@@ -647,9 +647,7 @@ class HeteroStrategy(Strategy):
         for rnd in range(first, last + 1):
             t0 = time.perf_counter()
             self.current_round, self.rejected = rnd, 0
-            self.server_seconds = 0.0
-            self.bytes_down = self.bytes_up = 0
-            self.reset_client_seconds()
+            self.start_costs()
             self.admit_new_nodes(grid, results)
             self.evaluate_first = waiting is not None
             train_metrics = self.train_phase(grid, rnd)
@@ -685,10 +683,10 @@ class HeteroStrategy(Strategy):
         ``client_cpu_seconds_sum`` their CPU time (:meth:`count_client_seconds`);
         ``server_process_cpu_seconds`` is the CPU time of this whole process in
         the window (server compute, and in simulation also the engine that runs
-        in it); ``finished_at`` the Unix time of the record. The sums and the
-        window start again afterwards.
+        in it); ``finished_at`` the Unix time of the record. The window starts
+        with :meth:`start_costs`.
         """
-        costs = record | {
+        return record | {
             "round_seconds": time.perf_counter() - t0,
             "server_seconds": self.server_seconds,
             "client_train_seconds_sum": self.client_train_seconds_sum,
@@ -701,8 +699,6 @@ class HeteroStrategy(Strategy):
             "bytes_up": self.bytes_up,
             **server_memory_mb(),
         }
-        self.reset_client_seconds()
-        return costs
 
     def finish_round(
         self,

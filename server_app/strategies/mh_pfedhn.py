@@ -258,8 +258,7 @@ class MHPFedHN(HeteroStrategy):
         last = self.cfg.num_server_rounds
         self.last_round = last
         start = time.perf_counter()
-        self.server_seconds = 0.0
-        self.bytes_down = self.bytes_up = 0
+        self.start_costs()
         evaluation = self.evaluate_now(grid, last)
         self.last_train_metrics = {}
         self.finish_round(
