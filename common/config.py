@@ -60,6 +60,9 @@ class RunConfig(BaseModel):
     eval_every: int = Field(1, ge=1)
     min_clients: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
+    #: Messages of one exchange pushed but not yet answered, at most (0 = all at
+    #: once); bounds what waits in the SuperLink (see :mod:`server_app.exchange`).
+    max_in_flight: int = Field(64, ge=0)
     seed: int = Field(42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

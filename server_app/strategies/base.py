@@ -496,6 +496,7 @@ class HeteroStrategy(Strategy):
             grid,
             self.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid),
             self.cfg.round_timeout,
+            self.cfg.max_in_flight,
         )
         return self.aggregate_train(server_round, replies)[1]
 
@@ -624,6 +625,7 @@ class HeteroStrategy(Strategy):
             grid,
             self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid),
             self.cfg.round_timeout,
+            self.cfg.max_in_flight,
         )
         self.aggregate_evaluate(server_round, replies)
         return self.last_eval

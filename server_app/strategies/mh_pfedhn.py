@@ -267,6 +267,18 @@ class MHPFedHN(HeteroStrategy):
         self.run_rounds(grid, results, result, last + 1, last + self.cfg.novel_rounds)
 
     # -- the windowed sequential round ---------------------------------------------
+    def carries_evaluation(self, server_round: int) -> bool:
+        """As the base class, and in a sequential round only when every
+        evaluation message fits in ``max-in-flight``: they are generated from the
+        round-start state, so they all go out with the first train messages.
+        Otherwise the evaluation is its own windowed exchange.
+        """
+        window = self.cfg.max_in_flight
+        fits = window == 0 or len(self.phase_names) <= window
+        return super().carries_evaluation(server_round) and (
+            fits or self.cfg.hn_update != "sequential"
+        )
+
     def window(self, num_train: int) -> int:
         """Clients in flight at once in a sequential round (``hn-window``)."""
         w = self.cfg.hn_window

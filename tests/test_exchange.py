@@ -1,0 +1,135 @@
+"""The bounded message window of ``server_app.exchange`` (``max-in-flight``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from server_app.exchange import Flight, exchange
+from tests.inprocess_grid import InProcessGrid
+from tests.test_strategy import base_config, run, write_learnable_imagefolder
+
+
+class SlowGrid(InProcessGrid):
+    """Nodes that answer ``latency`` pulls after a message was pushed.
+
+    Node ids in ``silent`` never answer. Records how many messages were in
+    flight (pushed, reply not yet pulled) at most.
+    """
+
+    def __init__(self, num_nodes: int, latency: int = 2, silent=()) -> None:
+        super().__init__({}, num_nodes)
+        self.latency, self.silent = latency, set(silent)
+        self.waiting: dict[str, list] = {}  # message id -> [pulls left, reply]
+        self.in_flight = self.most_in_flight = 0
+        self.pushed_before_first_pull: int | None = None
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message_id = f"m{len(self.sent)}"
+            message.metadata.__dict__["_message_id"] = message_id
+            self.sent.append(message)
+            ids.append(message_id)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            if message.metadata.dst_node_id not in self.silent:
+                reply = Message(RecordDict({"echo": ConfigRecord({"n": 1})}),
+                                reply_to=message)  # fmt: skip
+                self.waiting[message_id] = [self.latency, reply]
+        return ids
+
+    def pull_messages(self, message_ids):
+        if self.pushed_before_first_pull is None:
+            self.pushed_before_first_pull = len(self.sent)
+        out = []
+        for message_id in message_ids:
+            entry = self.waiting.get(message_id)
+            if entry is None:
+                continue
+            entry[0] -= 1
+            if entry[0] <= 0:
+                out.append(self.waiting.pop(message_id)[1])
+                self.in_flight -= 1
+        return out
+
+
+def messages(grid: InProcessGrid, nodes, generated: list | None = None):
+    """Lazily built messages; ``generated`` counts how many were built."""
+    for node in nodes:
+        if generated is not None:
+            generated.append(node)
+        yield Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+
+
+@pytest.mark.parametrize("window", [1, 3, 0])
+def test_window_bounds_messages_in_flight(window):
+    grid = SlowGrid(8)
+    replies = exchange(grid, messages(grid, range(1000, 1008)), 60.0, window, poll=0)
+    assert len(replies) == 8
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        m.metadata.message_id for m in grid.sent
+    )
+    assert grid.most_in_flight == (window or 8)
+    assert grid.pushed_before_first_pull == (window or 8)
+
+
+def test_messages_are_built_only_when_a_slot_frees():
+    grid, generated = SlowGrid(6), []
+    flight = Flight(grid, messages(grid, range(1000, 1006), generated), 2, 60.0)
+    assert len(generated) == 2 and not flight.done
+    reply = grid.pull_messages(list(flight.sent)) or grid.pull_messages(
+        list(flight.sent)
+    )
+    assert flight.accept(reply[0]) and len(generated) == 3
+    stranger = Message(RecordDict(), dst_node_id=1000, message_type=MessageType.QUERY)
+    stranger.metadata.__dict__["_message_id"] = "not-ours"
+    # a reply to someone else's message is ignored
+    assert not flight.accept(Message(RecordDict(), reply_to=stranger))
+    assert len(generated) == 3
+
+
+def test_silent_node_is_given_up_and_frees_its_slot(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("server_app.exchange.time.monotonic", lambda: clock[0])
+
+    def sleep(seconds):
+        clock[0] += 1.0
+
+    monkeypatch.setattr("server_app.exchange.time.sleep", sleep)
+    grid = SlowGrid(4, silent={1000})
+    replies = exchange(grid, messages(grid, range(1000, 1004)), 5.0, 1)
+    # the silent first node holds the only slot until its timeout; then the rest run
+    assert len(replies) == 3 and len(grid.sent) == 4
+    assert clock[0] >= 5.0
+
+
+def test_window_does_not_change_results_and_sequential_rounds_evaluate_apart(
+    tmp_path_factory, tmp_path
+):
+    """Every window gives the same numbers; a sequential round carries the
+    previous evaluation only when all its messages fit in the window."""
+    folder = write_learnable_imagefolder(tmp_path_factory.mktemp("f"), 6, 24)
+    config = base_config(folder, tmp_path, **{"num-server-rounds": 2})
+    keys = ["round", "accuracy", "client_accuracy", "train_loss", "loss"]
+    outcome = {}
+    for window in (0, 1, 3):
+        cfg = config | {"run-name": f"w{window}", "max-in-flight": window}
+        _, grid, _, rows = run(cfg, 4)
+        outcome[window] = [{k: r[k] for k in keys} for r in rows]
+        kinds = [
+            m.metadata.message_type
+            for m in grid.sent
+            if m.metadata.message_type != MessageType.QUERY  # the handshake
+        ]
+        # 4 clients: windows 0 and 4+ carry round 1's evaluation (4 + 4 messages),
+        # smaller windows evaluate after each round (4 + 4) as well: same count,
+        # but the carried ones go out inside round 2's train phase.
+        assert kinds.count(MessageType.EVALUATE) == 8
+        first_train_of_round_2 = kinds.index(MessageType.TRAIN, 4)
+        evaluations_before = kinds[:first_train_of_round_2].count(MessageType.EVALUATE)
+        assert evaluations_before == (0 if window == 0 else 4), window
+    assert outcome[0] == outcome[1] == outcome[3]
+    assert json.dumps(outcome[0])  # plain numbers
