@@ -188,3 +188,17 @@ def test_evaluation_vectors_are_not_cached():
         again["arrays"]["theta"].numpy(), train["arrays"]["theta"].numpy()
     )
     assert sent["arrays"]["theta"].numpy().shape == (300,)
+
+
+def test_heads_are_not_a_copy_of_the_extractor_initialisation():
+    """The heads' stream is derived from the seed, not the extractor's stream again:
+    equal streams made head weights a scaled copy of the extractor's weights."""
+    strat = _strategy()
+    extractor = torch.cat(
+        [p.detach().flatten() for p in strat.hn.extractor.parameters()]
+    )
+    head = strat.hn.heads["3"]  # client "a": 120 parameters in chunks of 50
+    weights = head.weight.detach().flatten()[: extractor.numel()]
+    corr = np.corrcoef(extractor.numpy(), weights.numpy())[0, 1]
+    assert abs(corr) < 0.1
+    assert torch.equal(_strategy().hn.heads["3"].weight, head.weight)
