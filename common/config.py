@@ -99,6 +99,10 @@ class RunConfig(BaseModel):
     #: :mod:`server_app.hypernet`.
     head_type: Literal["per-position", "shared", "low-rank"] = "per-position"
     head_rank: int = Field(8, ge=1)
+    #: ``streams``: extractor from the global stream seeded by ``seed``, heads and
+    #: embeddings from a stream derived from it; ``reference``: one stream in the
+    #: authors' script's order of draws (:func:`server_app.hypernet.reference_init_`).
+    hn_init: Literal["streams", "reference"] = "streams"
 
     # What crosses the wire for theta/delta (MH-pFedHN, MH-pFedHNGD): ``fp32``,
     # ``fp16`` (both directions in half precision; the server keeps fp32) or
@@ -221,6 +225,15 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run-config key 'transfer' = {cfg.transfer!r} is not allowed with "
             f"strategy '{cfg.strategy}': it sends float32 only; 'fp16' and 'topk' "
             f"are supported by {', '.join(TRANSFER_STRATEGIES)}"
+        )
+    if cfg.hn_init == "reference" and (
+        cfg.strategy not in TRANSFER_STRATEGIES or cfg.head_type != "per-position"
+    ):
+        raise ConfigError(
+            f"run-config key 'hn-init' = {cfg.hn_init!r} is not allowed with strategy "
+            f"'{cfg.strategy}' and head-type '{cfg.head_type}': the reference order "
+            "of draws exists for the per-position heads of "
+            f"{', '.join(TRANSFER_STRATEGIES)} only; use 'streams'"
         )
     if cfg.fedkd_energy_start > cfg.fedkd_energy_end:
         raise ConfigError(

@@ -418,3 +418,67 @@ class HyperNetwork(ClientGenerator):
         if head == "low-rank":
             head = f"low-rank (head-rank {self.head_rank})"
         return [self.embed_dim, self.hidden_dim, layers, self.chunk_size, head]
+
+
+def _linear_init_(
+    weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator
+) -> None:
+    """``nn.Linear``'s default initialisation (weight, then bias) from ``generator``."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(weight.shape[1])
+    nn.init.uniform_(bias, -bound, bound, generator=generator)
+
+
+@torch.no_grad()
+def reference_init_(hn: HyperNetwork, names: list[str], seed: int) -> None:
+    """Re-draw ``hn``'s parameters in the authors' script's order (``hn-init``).
+
+    The reference script (``MH-pFedHN.py`` of DangDang1895/MH-pFL) seeds PyTorch's
+    CPU stream once with ``seed`` and then draws, in this order:
+
+    1. every client model's default initialisation, in client order;
+    2. every client's embedding ``v_i ~ N(0, s^2)`` of shape ``(n_i, d)``, in client
+       order;
+    3. the extractor's ``nn.Linear`` layers (weight, then bias), input side first;
+    4. the heads, one per distinct chunk count in order of first appearance, and in
+       each, positions ``j = 0 .. n-1``: ``nn.Linear(h, C)`` (weight, then bias).
+
+    The server never sees the client models, so step 1 is replayed as ``K_i``
+    uniform draws per client: exact for models that draw one number per parameter
+    (CNN, VGG8), so for them the hypernetwork equals the script's initial one bit
+    for bit (tested). BatchNorm parameters are constants and draw nothing, so with
+    ResNet clients the later draws are shifted (same distribution, other values).
+    ``names`` is the client order (partition-id order in a simulation). The draws
+    come from a private generator: PyTorch's global stream is left untouched.
+    """
+    if hn.head_type != "per-position":
+        raise ValueError(
+            f"the reference initialisation needs per-position heads, not "
+            f"{hn.head_type!r}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        torch.empty(hn.num_params[name]).uniform_(generator=gen)
+    for name in names:
+        emb = torch.empty(hn.embeddings[name].shape).normal_(
+            0.0, hn.embed_init_std, generator=gen
+        )
+        hn.embeddings[name].copy_(emb)
+    for layer in hn.extractor:
+        if isinstance(layer, nn.Linear):
+            weight, bias = (
+                torch.empty_like(layer.weight, device="cpu"),
+                torch.empty(layer.bias.shape),
+            )
+            _linear_init_(weight, bias, gen)
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+    heads = dict.fromkeys(hn.head_of(name) for name in names)
+    for key in heads:
+        head = hn.heads[key]
+        weight = torch.empty(head.weight.shape[1:])
+        bias = torch.empty(head.bias.shape[1:])
+        for j in range(head.weight.shape[0]):
+            _linear_init_(weight, bias, gen)
+            head.weight[j].copy_(weight)
+            head.bias[j].copy_(bias)

@@ -8,6 +8,7 @@ restarts), so every piece of server state is keyed by name.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -41,6 +42,11 @@ class ClientInfo:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting ``client-2`` before ``client-10`` (digit runs as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 class ClientRegistry:

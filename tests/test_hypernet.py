@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig, load_run_config
 from server_app.hypernet import HyperNetwork, PositionHeads
-from server_app.registry import ClientInfo
+from server_app.registry import ClientInfo, ClientRegistry
 from server_app.strategies.mh_pfedhn import MHPFedHN
 
 
@@ -202,3 +202,58 @@ def test_heads_are_not_a_copy_of_the_extractor_initialisation():
     corr = np.corrcoef(extractor.numpy(), weights.numpy())[0, 1]
     assert abs(corr) < 0.1
     assert torch.equal(_strategy().hn.heads["3"].weight, head.weight)
+
+
+def test_reference_init_equals_the_authors_construction():
+    """hn-init = "reference": the authors' script builds its client models, then a
+    hypernetwork of nn.Parameter embeddings, nn.Linear extractor layers and one
+    nn.Linear per chunk position, all from the global stream seeded once. Replayed
+    here with models that draw one number per parameter, the initial hypernetwork
+    must be that one exactly (client order natural: c2 before c10)."""
+    d, h, chunk, seed = 8, 16, 50, 7
+    sizes = {"c2": 120, "c10": 300, "c3": 130}  # Linear(11, 10) / (29, 10) / (12, 10)
+    order = ["c2", "c3", "c10"]
+    torch.manual_seed(seed)
+    for name in order:
+        nn.Linear(sizes[name] // 10 - 1, 10)  # the client model, K = sizes[name]
+    n = {name: -(-sizes[name] // chunk) for name in order}
+    embeddings = [torch.normal(0, 0.002, (n[name], d)) for name in order]
+    layers = [nn.Linear(a, h) for a in (d, h, h)]
+    extractor = nn.Sequential(*(m for layer in layers for m in (layer, nn.ReLU())))
+    heads = {
+        k: [nn.Linear(h, chunk) for _ in range(k)] for k in dict.fromkeys(n.values())
+    }
+
+    cfg = RunConfig(
+        embed_dim=d, hidden_dim=h, chunk_size=chunk, seed=seed, hn_init="reference"
+    )
+    strat = MHPFedHN(cfg)
+    clients = ClientRegistry(
+        ClientInfo(name, i + 1, k, 10, 10, 10, 3)
+        for i, (name, k) in enumerate(sizes.items())
+    )
+    state = torch.get_rng_state()
+    strat.setup(clients)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    hn = strat.hn
+    for name, emb in zip(order, embeddings, strict=True):
+        assert torch.equal(hn.embeddings[name], emb), name
+    ours = [m for m in hn.extractor if isinstance(m, nn.Linear)]
+    for got, want in zip(ours, layers, strict=True):
+        assert torch.equal(got.weight, want.weight)
+        assert torch.equal(got.bias, want.bias)
+    for k, maps in heads.items():
+        for j, linear in enumerate(maps):
+            assert torch.equal(hn.heads[str(k)].weight[j], linear.weight), (k, j)
+            assert torch.equal(hn.heads[str(k)].bias[j], linear.bias), (k, j)
+    for name, emb in zip(order, embeddings, strict=True):  # and so the models
+        features = extractor(emb)
+        want = torch.cat([heads[n[name]][j](features[j]) for j in range(n[name])])
+        torch.testing.assert_close(hn(name), want[: sizes[name]], msg=name)
+
+
+def test_reference_init_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ConfigError, match="hn-init"):
+        load_run_config({"hn-init": "reference", "head-type": "shared"})
+    with pytest.raises(ConfigError, match="hn-init"):
+        load_run_config({"hn-init": "reference", "strategy": "local"})

@@ -56,8 +56,8 @@ from common.config import RunConfig
 from common.transfer import encode_dense
 
 from ..exchange import POLL_SECONDS
-from ..hypernet import HyperNetwork
-from ..registry import ClientInfo, ClientRegistry
+from ..hypernet import HyperNetwork, reference_init_
+from ..registry import ClientInfo, ClientRegistry, natural_key
 from ..results import RunResults
 from . import register_strategy
 from .base import HeteroStrategy
@@ -119,6 +119,11 @@ class MHPFedHN(HeteroStrategy):
     def setup(self, clients: ClientRegistry) -> None:
         for name in clients.names:
             self.register(name, clients[name].num_params)
+        if self.cfg.hn_init == "reference":
+            order = sorted(clients.names, key=natural_key)
+            reference_init_(self.hn, order, self.cfg.seed)
+            log(INFO, "Hypernetwork initialised in the reference order (%s first)",
+                order[0])  # fmt: skip
         if self.cfg.hypernet_from:
             path = Path(self.cfg.hypernet_from).expanduser()
             if path.is_dir():
