@@ -208,8 +208,10 @@ class RunConfig(BaseModel):
 
 #: Strategies that train one architecture for every client.
 HOMOGENEOUS_STRATEGIES = ("fedavg", "pfedhn")
+#: The MH-pFedHN hypernetwork strategies (chunked heads, theta/delta exchange).
+MH_STRATEGIES = ("mh-pfedhn", "mh-pfedhngd")
 #: Strategies that can send theta/delta lighter than float32 (``transfer``).
-TRANSFER_STRATEGIES = ("mh-pfedhn", "mh-pfedhngd")
+TRANSFER_STRATEGIES = MH_STRATEGIES
 
 
 def _check_combinations(cfg: RunConfig) -> None:
@@ -227,13 +229,13 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"are supported by {', '.join(TRANSFER_STRATEGIES)}"
         )
     if cfg.hn_init == "reference" and (
-        cfg.strategy not in TRANSFER_STRATEGIES or cfg.head_type != "per-position"
+        cfg.strategy not in MH_STRATEGIES or cfg.head_type != "per-position"
     ):
         raise ConfigError(
             f"run-config key 'hn-init' = {cfg.hn_init!r} is not allowed with strategy "
             f"'{cfg.strategy}' and head-type '{cfg.head_type}': the reference order "
             "of draws exists for the per-position heads of "
-            f"{', '.join(TRANSFER_STRATEGIES)} only; use 'streams'"
+            f"{', '.join(MH_STRATEGIES)} only; use 'streams'"
         )
     if cfg.fedkd_energy_start > cfg.fedkd_energy_end:
         raise ConfigError(

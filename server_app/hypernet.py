@@ -420,13 +420,17 @@ class HyperNetwork(ClientGenerator):
         return [self.embed_dim, self.hidden_dim, layers, self.chunk_size, head]
 
 
-def _linear_init_(
+def _redraw_linear_(
     weight: torch.Tensor, bias: torch.Tensor, generator: torch.Generator
 ) -> None:
-    """``nn.Linear``'s default initialisation (weight, then bias) from ``generator``."""
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-    bound = 1.0 / math.sqrt(weight.shape[1])
-    nn.init.uniform_(bias, -bound, bound, generator=generator)
+    """Overwrite ``weight`` ``(out, in)`` and ``bias`` with ``nn.Linear``'s default
+    initialisation, weight then bias, drawn on the CPU from ``generator``."""
+    w, b = torch.empty(weight.shape), torch.empty(bias.shape)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(w.shape[1])
+    nn.init.uniform_(b, -bound, bound, generator=generator)
+    weight.copy_(w)
+    bias.copy_(b)
 
 
 @torch.no_grad()
@@ -466,19 +470,8 @@ def reference_init_(hn: HyperNetwork, names: list[str], seed: int) -> None:
         hn.embeddings[name].copy_(emb)
     for layer in hn.extractor:
         if isinstance(layer, nn.Linear):
-            weight, bias = (
-                torch.empty_like(layer.weight, device="cpu"),
-                torch.empty(layer.bias.shape),
-            )
-            _linear_init_(weight, bias, gen)
-            layer.weight.copy_(weight)
-            layer.bias.copy_(bias)
-    heads = dict.fromkeys(hn.head_of(name) for name in names)
-    for key in heads:
+            _redraw_linear_(layer.weight, layer.bias, gen)
+    for key in dict.fromkeys(hn.head_of(name) for name in names):
         head = hn.heads[key]
-        weight = torch.empty(head.weight.shape[1:])
-        bias = torch.empty(head.bias.shape[1:])
         for j in range(head.weight.shape[0]):
-            _linear_init_(weight, bias, gen)
-            head.weight[j].copy_(weight)
-            head.bias[j].copy_(bias)
+            _redraw_linear_(head.weight[j], head.bias[j], gen)
