@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 # Where datasets are looked for (the CIFAR-10 copy in ../shared/data when present).
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpg.tar.gz),$(abspath ../shared/data),$(HOME)/.cache/mh-pfedhn/data)
 RESULTS_DIR ?= $(CURDIR)/results
-# Extra run-config overrides, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'"
+# Extra run-config overrides, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'".
+# Exported and passed as its own --run-config ("$$RUN_CONFIG"), so string values keep
+# whichever quotes they were written with ('mean' or "mean").
 RUN_CONFIG ?=
+export RUN_CONFIG
 FEDERATION_CONFIG ?= $(CURDIR)/simulation.toml
 # `make compare`: a preset of strategies x seeds (conf/*.toml), its output folder
 # and extra options, e.g. COMPARE_ARGS="--only fedavg,local --seeds 42 --table-only"
@@ -39,7 +42,8 @@ run: install
 	mkdir -p $(RESULTS_DIR)
 	cd $(VENV) && PATH="$(abspath $(BIN)):$$PATH" flwr run $(CURDIR) \
 		--federation-config $(FEDERATION_CONFIG) \
-		--run-config 'data-dir="$(DATA_DIR)" results-dir="$(RESULTS_DIR)" $(RUN_CONFIG)' \
+		--run-config 'data-dir="$(DATA_DIR)" results-dir="$(RESULTS_DIR)"' \
+		--run-config "$$RUN_CONFIG" \
 		--stream
 
 # Every strategy x seed of PRESET through `flwr run` on a private SuperLink (stopped
