@@ -325,3 +325,26 @@ def test_the_guide_links_only_existing_files():
                            GUIDE.read_text()):  # fmt: skip
         if "certs" not in path:
             assert (ROOT / path).exists(), path
+
+
+def test_the_app_bundle_ships_the_app_code_and_leaves_docs_out():
+    """pyproject's fab-include/fab-exclude: what `flwr run` sends every SuperNode.
+
+    docs/ holds the committed comparison records (json/jsonl), which must not travel
+    with every run; every module of the three app packages must.
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist())
+    code = {
+        path.relative_to(ROOT).as_posix()
+        for package in ("common", "server_app", "client_app")
+        for path in (ROOT / package).rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert code and not code - names, sorted(code - names)
+    assert "pyproject.toml" in names
+    assert not [name for name in names if name.startswith("docs/")]

@@ -220,10 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     timeout = args.timeout if args.timeout else preset.timeout
     selected = [s for s in specs if args.only is None or s.strategy in args.only]
-    if out.is_relative_to(APP) and not out.is_relative_to(APP / "results"):
+    # results/ is git-ignored and docs/ is in pyproject's fab-exclude: flwr packs
+    # neither into the app bundle it ships with every run.
+    packed = not any(out.is_relative_to(APP / d) for d in ("results", "docs"))
+    if out.is_relative_to(APP) and packed:
         print(
             f"warning: {out} is inside the app folder: unless git ignores it, "
-            "`flwr run` packs its json/jsonl files into every run's app bundle",
+            "`flwr run` packs its comparison.md into every run's app bundle",
             file=sys.stderr,
         )
 
