@@ -191,6 +191,32 @@ def test_shipped_presets_are_valid(path):
         assert preset.seeds == [42, 43]
 
 
+#: The files of a run that the table needs, committed for long comparisons (README).
+RECORD_FILES = {"config.json", "clients.json", "summary.json", "metrics.jsonl"}
+RECORDS = sorted((ROOT / "docs" / "results").glob("*/runs/*"))
+
+
+@pytest.mark.parametrize("run", RECORDS, ids=lambda p: p.name)
+def test_committed_records_are_finished_runs_of_their_preset(run):
+    """docs/results/<preset>/runs/<run>: a finished run of conf/<preset>.toml, as is.
+
+    It fails when the preset or the run-config schema moves away from what the run
+    used (the table would call the run stale), or when more than the record is
+    committed (checkpoints, logs).
+    """
+    out = run.parents[1]
+    preset = load_preset(ROOT / "conf" / f"{out.name}.toml")
+    (spec,) = [s for s in preset.runs() if s.name == run.name]
+    assert {p.name for p in run.iterdir()} == RECORD_FILES
+    found = report.inspect_run(out, preset, spec)
+    assert found.status == report.FINISHED, found.reason
+    assert len(found.curve) == spec.rounds
+
+
+def test_records_are_committed_for_the_five_model_table():
+    assert RECORDS, "docs/results/compare-cifar10-hetero/runs/ holds no run"
+
+
 def test_cli_rejects_only_outside_the_preset(tmp_path, capsys):
     path = write_preset(tmp_path)
     assert compare.main([str(path), "--only", "local,fedproto", "--dry-run"]) == 2
