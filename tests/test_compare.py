@@ -211,6 +211,8 @@ def test_committed_records_are_finished_runs_of_their_preset(run):
     found = report.inspect_run(out, preset, spec)
     assert found.status == report.FINISHED, found.reason
     assert len(found.curve) == spec.rounds
+    # Runs span sessions, so the table's cost column must come from CPU time.
+    assert found.cpu_seconds is not None and found.cpu_seconds > 0
 
 
 def test_records_are_committed_for_the_five_model_table():
@@ -258,6 +260,8 @@ def fake_run(
                 "loss": 1.0,
                 "round_seconds": float(i),
                 "server_seconds": 0.1,
+                "client_cpu_seconds_sum": 10.0 * i,
+                "server_process_cpu_seconds": 0.5,
                 "bytes_down": bytes_down * i,
                 "bytes_up": 500,
                 "train_clients": clients,
@@ -320,6 +324,8 @@ def test_table_mean_std_bytes_and_failures(hand_made):
     assert local["final_accuracy"]["std"] == pytest.approx(0.1)  # population std
     assert local["best_accuracy"]["values"] == [0.5, 0.7]
     assert local["round_seconds"]["mean"] == pytest.approx(2.0)
+    # CPU: clients' (10, 20, 30) plus the server process's 0.5, per round.
+    assert local["cpu_seconds"]["mean"] == pytest.approx(20.5)
     # bytes per training client per round: seed 1 has 2 clients in round 2.
     seed1 = (1000 / 3 + 2000 / 2 + 3000 / 3) / 3
     seed2 = (1000 / 3 + 2000 / 3 + 3000 / 3) / 3
@@ -342,11 +348,11 @@ def test_table_mean_std_bytes_and_failures(hand_made):
     md = (out / "comparison.md").read_text()
     down = (seed1 + seed2) / 2 / 1e6
     assert (
-        f"| local | 60.00 ± 10.00 | 60.00 ± 10.00 | 2.00 | {down:.3f} | "
+        f"| local | 60.00 ± 10.00 | 60.00 ± 10.00 | 2.00 | 20.5 | {down:.3f} | "
         f"{up / 1e6:.3f} | 2/2 |  |" in md
     )
     # 3 MB x round / 3 clients, mean over rounds 1-3: 2 MB per client-round.
-    assert "| mh-pfedhn | 80.00 | 90.00 | 2.00 | 2.000 | 0.000 | 1/2 |" in md
+    assert "| mh-pfedhn | 80.00 | 90.00 | 2.00 | 20.5 | 2.000 | 0.000 | 1/2 |" in md
     assert (
         "seed 2 failed: after 1/3 rounds: HandshakeError: handshake failed: node 7: "
         "Exception occurred. Message: Dataset 'cifar10' not found in /data." in md
@@ -354,7 +360,9 @@ def test_table_mean_std_bytes_and_failures(hand_made):
     assert "seed 1 failed: timed out after 7 s before round 1: something broke" in md
     assert "seed 2 not run" in md
     assert "| 0/2 |" in md
-    assert "| mh-pfedhn-seed1 | finished | 80.00 | 90.00 @ 2 | 3/3 |" in md
+    assert (
+        "| mh-pfedhn-seed1 | finished | 80.00 | 90.00 @ 2 | 3/3 | 2.00 | 20.5 |" in md
+    )
 
     data = json.loads((out / "comparison.json").read_text())
     runs = {r["name"]: r for s in data["strategies"] for r in s["runs"]}
@@ -437,7 +445,7 @@ def test_rerun_skips_finished_and_sets_old_attempts_aside(
 
     assert compare.main([*argv, "--seeds", "5", "--table-only"]) == 0
     assert FakeRunner.ran == []
-    assert "| local | – | – | – | – | – | 0/1 | seed 5 not run |" in (
+    assert "| local | – | – | – | – | – | – | 0/1 | seed 5 not run |" in (
         (out / "comparison.md").read_text()
     )
 
@@ -514,6 +522,7 @@ batch-size = 16
     data_json = json.loads((out / "comparison.json").read_text())
     hn = data_json["strategies"][1]
     assert hn["bytes_down_per_client_round"]["mean"] > 0
+    assert hn["cpu_seconds"]["mean"] > 0
     # The SuperLink and everything it started are gone.
     config = (out / "superlink" / "flwr-home" / "config.toml").read_text()
     address = config.split('address = "', 1)[1].split('"', 1)[0]

@@ -76,6 +76,7 @@ class RunReport:
     best_accuracy: float | None = None
     best_round: int | None = None
     round_seconds: float | None = None
+    cpu_seconds: float | None = None
     bytes_down_per_client: float | None = None
     bytes_up_per_client: float | None = None
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
@@ -123,6 +124,24 @@ def per_client_bytes(rows: list[dict[str, Any]], key: str) -> float | None:
             r[key] / r["train_clients"]
             for r in rows
             if r.get("train_clients") and key in r
+        ]
+    )
+
+
+def cpu_seconds(rows: list[dict[str, Any]]) -> float | None:
+    """Mean over rounds of the CPU time the round cost: the clients' own CPU
+    seconds (``client_cpu_seconds_sum``) plus the server process's
+    (``server_process_cpu_seconds``).
+
+    Unlike ``round_seconds`` (wall clock), this barely moves with what else the
+    machine runs, so runs measured in different sessions compare on it; None
+    when the rows predate these fields.
+    """
+    return _mean(
+        [
+            r["client_cpu_seconds_sum"] + r["server_process_cpu_seconds"]
+            for r in rows
+            if "client_cpu_seconds_sum" in r and "server_process_cpu_seconds" in r
         ]
     )
 
@@ -204,6 +223,7 @@ def inspect_run(out: Path, preset: Preset, spec: RunSpec) -> RunReport:
         report.best_accuracy = summary.get("best_accuracy")
         report.best_round = summary.get("best_round")
         report.round_seconds = _mean([r["round_seconds"] for r in rows])
+        report.cpu_seconds = cpu_seconds(rows)
         report.bytes_down_per_client = per_client_bytes(rows, "bytes_down")
         report.bytes_up_per_client = per_client_bytes(rows, "bytes_up")
         report.curve = [(int(r["round"]), float(r["accuracy"])) for r in rows]
@@ -282,6 +302,7 @@ def build_report(out: Path, preset: Preset, specs: list[RunSpec]) -> dict[str, A
                 "final_accuracy": stats([r.final_accuracy for r in done]),
                 "best_accuracy": stats([r.best_accuracy for r in done]),
                 "round_seconds": stats([r.round_seconds for r in done]),
+                "cpu_seconds": stats([r.cpu_seconds for r in done]),
                 "bytes_down_per_client_round": stats(
                     [r.bytes_down_per_client for r in done]
                 ),
@@ -344,12 +365,17 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Accuracy: total correct / total test samples over all clients, in %, "
         "mean ± std (population) over the seeds that finished; s / round: mean "
-        "`round_seconds`; MB down / up: array payload per training client per "
-        "round (1 MB = 10^6 bytes). Written " + report["written"] + ".",
+        "`round_seconds` (wall clock: it grows with whatever else the machine "
+        "ran); CPU s / round: mean CPU seconds of the clients plus the server "
+        "process per round (compares across sessions); MB down / up: array "
+        "payload per training client per round (1 MB = 10^6 bytes). Written "
+        + report["written"]
+        + ".",
         "",
-        "| strategy | final acc (%) | best acc (%) | s / round | MB down / client "
-        "/ round | MB up / client / round | seeds finished | notes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| strategy | final acc (%) | best acc (%) | s / round | CPU s / round "
+        "| MB down / client / round | MB up / client / round | seeds finished "
+        "| notes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
         notes = "; ".join(
@@ -358,6 +384,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {s['strategy']} | {_pct(s['final_accuracy'])} | "
             f"{_pct(s['best_accuracy'])} | {_num(_mean_of(s['round_seconds']))} | "
+            f"{_num(_mean_of(s['cpu_seconds']), digits=1)} | "
             f"{_num(_mean_of(s['bytes_down_per_client_round']), 1e6, 3)} | "
             f"{_num(_mean_of(s['bytes_up_per_client_round']), 1e6, 3)} | "
             f"{s['seeds_finished']}/{s['seeds_total']} | {_cell(notes)} |"
@@ -367,8 +394,8 @@ def markdown(report: dict[str, Any]) -> str:
         "## Runs",
         "",
         "| run | status | final acc (%) | best acc (%) @ round | rounds | s / round "
-        "| MB down / up per client-round | results | log |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU s / round | MB down / up per client-round | results | log |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
         for r in s["runs"]:
@@ -385,7 +412,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r.name} | {_cell(r.describe())} | {final} | {best} | "
                 f"{r.rounds}/{r.expected_rounds} | {_num(r.round_seconds)} | "
-                f"{traffic} | {r.path or '–'} | "
+                f"{_num(r.cpu_seconds, digits=1)} | {traffic} | {r.path or '–'} | "
                 f"{r.log or '–'} |"
             )
     return "\n".join(lines) + "\n"
