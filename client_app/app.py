@@ -12,6 +12,8 @@ With node config ``state-dir``, the client's kept state also lives on disk
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -35,6 +37,13 @@ def _trainer(context: Context) -> ClientTrainer:
 
 def _round(message: Message) -> int:
     return int(message.content[P.CONFIG][P.ROUND])
+
+
+def _answer(message: Message, content: RecordDict, cpu_start: float) -> Message:
+    """The reply, its metrics stamped with the CPU time spent on the message
+    since ``cpu_start`` (:data:`~common.protocol.MESSAGE_CPU_SECONDS`)."""
+    content[P.METRICS][P.MESSAGE_CPU_SECONDS] = time.process_time() - cpu_start
+    return Message(content=content, reply_to=message)
 
 
 @app.query()
@@ -64,6 +73,7 @@ def train(message: Message, context: Context) -> Message:
     With ``evaluate-first`` in the config the received model is evaluated before
     training (the previous round's evaluation, carried by this message).
     """
+    cpu_start = time.process_time()
     trainer = _trainer(context)
     client = trainer.client
     evaluation = None
@@ -74,12 +84,13 @@ def train(message: Message, context: Context) -> Message:
         content[P.EVAL_METRICS] = evaluation
     trainer.save()
     persist.save(context, client.name, _round(message))
-    return Message(content=content, reply_to=message)
+    return _answer(message, content, cpu_start)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
+    cpu_start = time.process_time()
     trainer = _trainer(context)
     content = trainer.evaluate(message.content, _round(message))
-    return Message(content=content, reply_to=message)
+    return _answer(message, content, cpu_start)

@@ -13,17 +13,20 @@ Train
     client -> server: ``arrays`` with :data:`DELTA` (``theta_sent - theta_trained``),
     ``info`` with the client name, ``metrics`` with :data:`NUM_EXAMPLES`,
     :data:`LOSS` and :data:`SECONDS` (wall-clock of the training loop), and
-    :data:`CPU_SECONDS` (its CPU time); when the config sets
+    :data:`CPU_SECONDS` (its CPU time) and :data:`MESSAGE_CPU_SECONDS` (the CPU
+    time of handling the whole message); when the config sets
     :data:`EVALUATE_FIRST`, also ``eval-metrics``: the evaluation below of the
     received model.
 Evaluate
     server -> client: ``arrays`` with :data:`THETA`, ``config`` with :data:`ROUND`.
     client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
     :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples), and
-    :data:`SECONDS` and :data:`CPU_SECONDS` of the evaluation loop.
+    :data:`SECONDS` and :data:`CPU_SECONDS` of the evaluation loop, and
+    :data:`MESSAGE_CPU_SECONDS`.
 
-:data:`CPU_SECONDS`, and :data:`SECONDS` of an evaluation, are optional: the server
-only adds them up per round (``client_*_seconds_sum`` in ``metrics.jsonl``).
+:data:`CPU_SECONDS`, :data:`MESSAGE_CPU_SECONDS`, and :data:`SECONDS` of an
+evaluation, are optional: the server only adds them up per round
+(``client_*_seconds_sum`` in ``metrics.jsonl``).
 
 Transfer modes (run-config ``transfer``; MH-pFedHN and MH-pFedHNGD, whose
 :data:`GLOBAL_THETA` / :data:`GLOBAL_DELTA` travel the same way)
@@ -93,6 +96,10 @@ CORRECT = "correct"
 SECONDS = "seconds"
 #: CPU time (``time.process_time``) of the client's training or evaluation loops.
 CPU_SECONDS = "cpu-seconds"
+#: CPU time of the ClientApp's whole handling of a TRAIN or EVALUATE message:
+#: building the client (kept state, data, model), the loops, and the strategy's
+#: work outside them (prototype passes, SVD compression, persisting state).
+MESSAGE_CPU_SECONDS = "message-cpu-seconds"
 
 
 def sparse_keys(key: str) -> tuple[str, str]:

@@ -419,6 +419,8 @@ def test_server_records_client_compute_per_round(tmp_path, update, messages):
         # round 1's window holds no evaluation
         assert (r["client_eval_seconds_sum"] > 0) == (r["round"] > 1)
         assert r["client_cpu_seconds_sum"] > 0
+        # the whole handling of the messages costs at least their loops
+        assert r["client_message_cpu_seconds_sum"] >= r["client_cpu_seconds_sum"]
         assert r["server_process_cpu_seconds"] > 0
         split = split_round(r, workers=1)
         assert split["client_sum_s"] > 0

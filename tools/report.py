@@ -128,21 +128,24 @@ def per_client_bytes(rows: list[dict[str, Any]], key: str) -> float | None:
     )
 
 
+#: The per-round fields whose sum is a round's CPU cost (:func:`cpu_seconds`).
+CPU_FIELDS = ("client_message_cpu_seconds_sum", "server_process_cpu_seconds")
+
+
 def cpu_seconds(rows: list[dict[str, Any]]) -> float | None:
-    """Mean over rounds of the CPU time the round cost: the clients' own CPU
-    seconds (``client_cpu_seconds_sum``) plus the server process's
+    """Mean over rounds of the CPU time the round cost: what the clients spent
+    handling their messages whole (``client_message_cpu_seconds_sum``: loops,
+    prototype passes, compression, state) plus the server process's
     (``server_process_cpu_seconds``).
 
     Unlike ``round_seconds`` (wall clock), this barely moves with what else the
-    machine runs, so runs measured in different sessions compare on it; None
-    when the rows predate these fields.
+    machine runs, so runs measured in different sessions compare on it. None
+    when the rows predate these fields (``client_cpu_seconds_sum`` alone covers
+    only the training and evaluation loops, so it would undercount strategies
+    that work outside them).
     """
     return _mean(
-        [
-            r["client_cpu_seconds_sum"] + r["server_process_cpu_seconds"]
-            for r in rows
-            if "client_cpu_seconds_sum" in r and "server_process_cpu_seconds" in r
-        ]
+        [sum(r[k] for k in CPU_FIELDS) for r in rows if all(k in r for k in CPU_FIELDS)]
     )
 
 

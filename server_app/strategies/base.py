@@ -422,6 +422,7 @@ class HeteroStrategy(Strategy):
         self.client_train_seconds_sum = 0.0
         self.client_eval_seconds_sum = 0.0
         self.client_cpu_seconds_sum = 0.0
+        self.client_message_cpu_seconds_sum = 0.0
         self.client_messages = 0
         self.process_cpu_start = time.process_time()
 
@@ -432,7 +433,9 @@ class HeteroStrategy(Strategy):
         sum; the ``seconds`` of an evaluation reply and of the evaluation a train
         reply carries (the evaluation loop; optional, absent from older clients)
         go to the evaluation sum; the ``cpu-seconds`` of all of them (optional)
-        to the CPU sum. Replies count when they are processed, whatever round
+        to the CPU sum, and the reply's ``message-cpu-seconds`` (optional: the
+        client's CPU time for the whole message, carried evaluation included) to
+        the message CPU sum. Replies count when they are processed, whatever round
         they answer, so the sums cover the same wall-clock window as the
         record's ``round_seconds`` (a carried evaluation of round ``r`` is
         counted in round ``r + 1``, whose messages it rode on).
@@ -447,6 +450,7 @@ class HeteroStrategy(Strategy):
             self.client_eval_seconds_sum += _seconds(metrics)
         for record in (metrics, carried):
             self.client_cpu_seconds_sum += _seconds(record, P.CPU_SECONDS)
+        self.client_message_cpu_seconds_sum += _seconds(metrics, P.MESSAGE_CPU_SECONDS)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -682,7 +686,9 @@ class HeteroStrategy(Strategy):
         ``client_train_seconds_sum`` / ``client_eval_seconds_sum`` add up the
         seconds the clients report for their training and evaluation loops over
         the ``client_messages`` replies processed in that window, and
-        ``client_cpu_seconds_sum`` their CPU time (:meth:`count_client_seconds`);
+        ``client_cpu_seconds_sum`` their CPU time, ``client_message_cpu_seconds_sum``
+        the clients' CPU time for handling the messages whole
+        (:meth:`count_client_seconds`);
         ``server_process_cpu_seconds`` is the CPU time of this whole process in
         the window (server compute, and in simulation also the engine that runs
         in it); ``finished_at`` the Unix time of the record. The window starts
@@ -694,6 +700,7 @@ class HeteroStrategy(Strategy):
             "client_train_seconds_sum": self.client_train_seconds_sum,
             "client_eval_seconds_sum": self.client_eval_seconds_sum,
             "client_cpu_seconds_sum": self.client_cpu_seconds_sum,
+            "client_message_cpu_seconds_sum": self.client_message_cpu_seconds_sum,
             "client_messages": self.client_messages,
             "server_process_cpu_seconds": time.process_time() - self.process_cpu_start,
             "finished_at": time.time(),
