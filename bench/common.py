@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 from typing import Any
 
-import torch
+from common.machine import machine
 
 #: Where every benchmark writes ``<name>.json`` (override with ``--out``).
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict[str, Any]:
-    """The facts that make figures comparable (or not) between machines."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

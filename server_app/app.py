@@ -35,7 +35,9 @@ def main(grid: Grid, context: Context) -> None:
     if checkpoint is None:
         results = RunResults.create(cfg)
     else:
-        results = RunResults.reopen(path.parent, cfg, checkpoint["metrics"])
+        results = RunResults.reopen(
+            path.parent, cfg, checkpoint["metrics"], checkpoint["round"]
+        )
     log(INFO, "Results directory: %s", results.path)
     try:
         strategy.start(grid, results, checkpoint)

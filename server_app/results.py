@@ -12,6 +12,12 @@ Layout of ``<results-dir>/<run-name>/``:
     ``loss``, ``client_accuracy``, ``train_loss``, ``round_seconds``,
     ``server_seconds``, ``bytes_down``, ``bytes_up``, ``rejected_replies``,
     ``server_rss_mb`` / ``server_peak_rss_mb`` (memory of the server process), ...).
+``machine.json``
+    Where the run was computed (:func:`common.machine.machine`, measured in the
+    ServerApp's process, which shares the host with the clients in a
+    simulation): a list with one entry per start, ``from_round`` 0 for the
+    first and the checkpoint's round for each resume, so a run continued on
+    another host says so.
 ``summary.json``
     ``final_accuracy``, ``best_accuracy``, ``best_round``, ``rounds``,
     ``seconds`` of the training phase; with novel clients also
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import RunConfig
+from common.machine import machine
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -72,13 +79,21 @@ class RunResults:
         path.mkdir(parents=True)
         results = cls(path)
         _write_json(path / "config.json", cfg.flat())
+        results.record_machine(from_round=0)
         return results
 
     @classmethod
     def reopen(
-        cls, path: Path, cfg: RunConfig, records: list[dict[str, Any]]
+        cls,
+        path: Path,
+        cfg: RunConfig,
+        records: list[dict[str, Any]],
+        from_round: int,
     ) -> RunResults:
-        """Continue a run's directory from a checkpoint holding ``records``.
+        """Continue a run's directory from a round-``from_round`` checkpoint.
+
+        ``records`` are the metric rows the checkpoint holds (evaluation may lag
+        training by a round, so they need not reach ``from_round``).
 
         ``metrics.jsonl`` is rewritten to exactly those rows (rows written after
         the checkpoint are dropped: they are computed again), and
@@ -90,7 +105,30 @@ class RunResults:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, path / "metrics.jsonl")
         _write_json(path / "config.json", cfg.flat())
+        results.record_machine(from_round)
         return results
+
+    def record_machine(self, from_round: int) -> None:
+        """Add this host to ``machine.json`` as computing rounds after ``from_round``.
+
+        Entries of earlier starts that begin before ``from_round`` are kept (the
+        rounds they computed stay in ``metrics.jsonl``); later ones are dropped,
+        since their rounds are computed again. An unreadable file is replaced
+        rather than failing the run.
+        """
+        path = self.path / "machine.json"
+        try:
+            starts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            starts = []
+        if not isinstance(starts, list):
+            starts = []
+        starts = [
+            s
+            for s in starts
+            if isinstance(s, dict) and s.get("from_round", 0) < from_round
+        ]
+        _write_json(path, starts + [{"from_round": from_round, **machine()}])
 
     def write_clients(self, clients: list[dict[str, Any]]) -> None:
         _write_json(self.path / "clients.json", clients)

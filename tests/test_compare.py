@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common.machine import describe as describe_machine
 from server_app.strategies import available_strategies
 from tools import compare, report
 from tools.preset import PresetError, load_preset
@@ -191,8 +192,10 @@ def test_shipped_presets_are_valid(path):
         assert preset.seeds == [42, 43]
 
 
-#: The files of a run that the table needs, committed for long comparisons (README).
+#: The files of a run that the table needs, committed for long comparisons (README),
+#: and the machine it ran on (absent from records that predate machine.json).
 RECORD_FILES = {"config.json", "clients.json", "summary.json", "metrics.jsonl"}
+RECORD_EXTRA = {"machine.json"}
 RECORDS = sorted((ROOT / "docs" / "results").glob("*/runs/*"))
 
 
@@ -207,7 +210,9 @@ def test_committed_records_are_finished_runs_of_their_preset(run):
     out = run.parents[1]
     preset = load_preset(ROOT / "conf" / f"{out.name}.toml")
     (spec,) = [s for s in preset.runs() if s.name == run.name]
-    assert {p.name for p in run.iterdir()} == RECORD_FILES
+    assert (
+        RECORD_FILES <= {p.name for p in run.iterdir()} <= RECORD_FILES | RECORD_EXTRA
+    )
     found = report.inspect_run(out, preset, spec)
     assert found.status == report.FINISHED, found.reason
     assert len(found.curve) == spec.rounds
@@ -307,6 +312,10 @@ def hand_made(tmp_path):
     specs = preset.runs(results_dir=out / "runs")
     fake_run(out, "local-seed1", [0.2, 0.4, 0.5], train_clients=[3, 2, 3])
     fake_run(out, "local-seed2", [0.3, 0.6, 0.7])
+    # local-seed2 started on one host and was resumed on another at round 2.
+    host = {"cpus": 2, "cpu": "Xeon", "cpu_capability": "AVX512", "cuda": None}
+    starts = [{"from_round": 0, **host}, {"from_round": 2, **host, "cpus": 4}]
+    (out / "runs" / "local-seed2" / "machine.json").write_text(json.dumps(starts))
     fake_run(out, "mh-pfedhn-seed1", [0.5, 0.9, 0.8], bytes_down=3_000_000)
     fake_run(out, "mh-pfedhn-seed2", [0.4], rounds=1)
     fail_run(out, "mh-pfedhn-seed2")
@@ -360,6 +369,11 @@ def test_table_mean_std_bytes_and_failures(hand_made):
     assert "| 0/2 |" in md
     assert (
         "| mh-pfedhn-seed1 | finished | 80.00 | 90.00 @ 2 | 3/3 | 2.00 | 20.5 |" in md
+    )
+    # The machine column: "–" for a record without machine.json.
+    assert "| 2.000 / 0.000 | – | runs/mh-pfedhn-seed1 |" in md
+    assert (
+        "| 2 CPUs, Xeon (AVX512); then 4 CPUs, Xeon (AVX512) | runs/local-seed2 |" in md
     )
 
     data = json.loads((out / "comparison.json").read_text())
@@ -521,6 +535,9 @@ batch-size = 16
     hn = data_json["strategies"][1]
     assert hn["bytes_down_per_client_round"]["mean"] > 0
     assert hn["cpu_seconds"]["mean"] > 0
+    (start,) = json.loads((out / "runs" / "local-seed1" / "machine.json").read_text())
+    assert start["from_round"] == 0 and start["cpus"] >= 1
+    assert f"| {describe_machine(start)} | runs/local-seed1 |" in md
     # The SuperLink and everything it started are gone.
     config = (out / "superlink" / "flwr-home" / "config.toml").read_text()
     address = config.split('address = "', 1)[1].split('"', 1)[0]

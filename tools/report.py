@@ -11,7 +11,8 @@ Layout of a comparison folder ``<out>/``:
 ``comparison.md``, ``comparison.json``, ``comparison.png``
     Per strategy: final and best accuracy (mean ± std over the seeds that
     finished), seconds per round, array bytes per training client per round
-    (down and up) and the number of finished seeds; the mean accuracy curves.
+    (down and up) and the number of finished seeds; per run also the machine it
+    ran on (its ``machine.json``); the mean accuracy curves.
 
 Everything here reads files only, so ``--table-only`` rebuilds the outputs from
 whatever runs exist, also while others are still running.
@@ -27,6 +28,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from common.machine import describe as describe_machine
 
 from .preset import Preset, RunSpec
 
@@ -79,6 +82,7 @@ class RunReport:
     cpu_seconds: float | None = None
     bytes_down_per_client: float | None = None
     bytes_up_per_client: float | None = None
+    machine: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
     @property
@@ -115,6 +119,22 @@ def _train_rows(path: Path) -> list[dict[str, Any]]:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def machine_label(path: Path) -> str:
+    """The host(s) a run was computed on, from its ``machine.json``; ``""`` if absent.
+
+    A run resumed on other hardware lists each host once, in order
+    (``A; then B``).
+    """
+    starts = _read_json(path / "machine.json")
+    if not isinstance(starts, list):
+        return ""
+    labels: list[str] = []
+    for start in starts:
+        if isinstance(start, dict) and describe_machine(start) not in labels:
+            labels.append(describe_machine(start))
+    return "; then ".join(labels)
 
 
 def per_client_bytes(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -230,6 +250,7 @@ def inspect_run(out: Path, preset: Preset, spec: RunSpec) -> RunReport:
         report.bytes_down_per_client = per_client_bytes(rows, "bytes_down")
         report.bytes_up_per_client = per_client_bytes(rows, "bytes_up")
         report.curve = [(int(r["round"]), float(r["accuracy"])) for r in rows]
+        report.machine = machine_label(path)
         return report
     ended = _read_json(status_path(out, spec.name))
     if ended is None and not log.is_file():
@@ -397,8 +418,8 @@ def markdown(report: dict[str, Any]) -> str:
         "## Runs",
         "",
         "| run | status | final acc (%) | best acc (%) @ round | rounds | s / round "
-        "| CPU s / round | MB down / up per client-round | results | log |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU s / round | MB down / up per client-round | machine | results | log |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
         for r in s["runs"]:
@@ -415,7 +436,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r.name} | {_cell(r.describe())} | {final} | {best} | "
                 f"{r.rounds}/{r.expected_rounds} | {_num(r.round_seconds)} | "
-                f"{_num(r.cpu_seconds, digits=1)} | {traffic} | {r.path or '–'} | "
+                f"{_num(r.cpu_seconds, digits=1)} | {traffic} | "
+                f"{_cell(r.machine) or '–'} | {r.path or '–'} | "
                 f"{r.log or '–'} |"
             )
     return "\n".join(lines) + "\n"
