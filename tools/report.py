@@ -130,11 +130,8 @@ def machine_label(path: Path) -> str:
     starts = _read_json(path / "machine.json")
     if not isinstance(starts, list):
         return ""
-    labels: list[str] = []
-    for start in starts:
-        if isinstance(start, dict) and describe_machine(start) not in labels:
-            labels.append(describe_machine(start))
-    return "; then ".join(labels)
+    labels = [describe_machine(s) for s in starts if isinstance(s, dict)]
+    return "; then ".join(dict.fromkeys(labels))
 
 
 def per_client_bytes(rows: list[dict[str, Any]], key: str) -> float | None:
