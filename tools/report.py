@@ -388,7 +388,8 @@ def markdown(report: dict[str, Any]) -> str:
         "mean ± std (population) over the seeds that finished; s / round: mean "
         "`round_seconds` (wall clock: it grows with whatever else the machine "
         "ran); CPU s / round: mean CPU seconds of the clients plus the server "
-        "process per round (compares across sessions); MB down / up: array "
+        "process per round (other jobs on the machine do not inflate it, but "
+        "hosts differ: see each run's machine); MB down / up: array "
         "payload per training client per round (1 MB = 10^6 bytes). Written "
         + report["written"]
         + ".",
