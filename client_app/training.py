@@ -157,3 +157,40 @@ def evaluate_local(
         correct += int((logits.argmax(dim=1) == target).sum())
     n = int(x.shape[0])
     return (loss_sum / n if n else 0.0), correct, n
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 256
+) -> bool:
+    """Recompute every BatchNorm layer's running statistics for ``model``'s weights.
+
+    Each ``_BatchNorm`` layer's statistics are reset and its momentum set to
+    ``None`` (a cumulative average) for one forward pass in train mode over ``x``
+    without gradients, so for batches ``b = 1 .. B`` of the layer's input
+    ``a_b``
+
+        running_mean = (1 / B) sum_b mean(a_b),
+        running_var  = (1 / B) sum_b var_unbiased(a_b),
+
+    the statistics of these weights' own activations (AdaBN-style recalibration),
+    instead of those accumulated while the weights changed during training. The
+    momenta are restored afterwards; the model is left in eval mode. Returns whether
+    the model has a BatchNorm layer (otherwise nothing is run).
+    """
+    layers = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    if not layers:
+        return False
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.train()
+    for i in range(0, x.shape[0], batch_size):
+        model(x[i : i + batch_size])
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+    model.eval()
+    return True

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from common import protocol as P
-from common.flat import flatten_params, load_flat_
+from common.flat import buffer_state, flatten_params, load_buffer_state_, load_flat_
 from common.transfer import decode_dense
 
 from ..local import LocalClient
@@ -37,6 +37,7 @@ from ..training import (
     TrainStats,
     cross_entropy_loss,
     evaluate_local,
+    recalibrate_batchnorm,
     train_local,
 )
 
@@ -134,13 +135,26 @@ class ClientTrainer(ABC):
     def evaluate_metrics(self, content: RecordDict) -> dict[str, float | int]:
         """Loss and accuracy counts of the personal model on the test split, and
         the wall-clock and CPU seconds of the evaluation loop (as a train reply
-        reports its training loop's)."""
+        reports its training loop's).
+
+        With run-config ``bn-eval = "recalibrate"`` the BatchNorm statistics are
+        first recomputed for the evaluated weights on the train split
+        (:func:`~client_app.training.recalibrate_batchnorm`, counted in these
+        seconds) and the stored ones put back afterwards.
+        """
         self.load_received(content)
+        model = self.client.model
         x, y = self.client.test_tensors()
         start, cpu = time.perf_counter(), time.process_time()
+        stored = None
+        if self.client.cfg.bn_eval == "recalibrate":
+            stored = buffer_state(model)
+            recalibrate_batchnorm(model, self.client.train_tensors()[0])
         loss, correct, n = evaluate_local(
-            self.client.model, x, y, logits_fn=self.logits_fn(content)
+            model, x, y, logits_fn=self.logits_fn(content)
         )
+        if stored:  # evaluation never changes what training continues from
+            load_buffer_state_(model, stored)
         return {
             P.NUM_EXAMPLES: n,
             P.CORRECT: correct,
