@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from torch import nn
 
 from common.config import RunConfig
-from common.data import ClientData, load_client_data
+from common.data import ClientData, client_data_for
 from common.flat import buffer_state, load_buffer_state_
 from common.models import build_model, num_trainable
 from common.protocol import check_client_name
@@ -92,18 +92,7 @@ class LocalClient:
             context.node_config.get("model", assign_model(pid, num, cfg.model_list))
         )
         data_dir = str(context.node_config.get("data-dir", cfg.data_dir))
-        data = load_client_data(
-            dataset=cfg.dataset,
-            data_dir=data_dir,
-            partition_id=pid,
-            num_partitions=num,
-            partition=cfg.partition,
-            classes_per_client=cfg.classes_per_client,
-            dirichlet_alpha=cfg.dirichlet_alpha,
-            seed=cfg.seed,
-            download=cfg.download,
-            dirichlet_min_size=cfg.dirichlet_min_size,
-        )
+        data = client_data_for(cfg, pid, num, data_dir)
         device = cfg.torch_device()
         # A seeded initialisation: strategies whose clients keep their own model
         # start from it, and reruns with the same seed start identically.

@@ -25,6 +25,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,9 +33,13 @@ import torch
 from common.datasets import DatasetInfo, load_train_arrays
 from common.partition import DIRICHLET_MIN_SIZE, partition_indices, split_train_test
 
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
 __all__ = [
     "ClientData",
     "clear_cache",
+    "client_data_for",
     "client_split_seed",
     "load_client_data",
     "to_tensor",
@@ -178,6 +183,28 @@ def load_client_data(
         seed=int(seed),
     )
     return _client_data(setup, int(partition_id))
+
+
+def client_data_for(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> ClientData:
+    """:func:`load_client_data` with a run config's dataset, partition and seed;
+    ``data_dir`` overrides the config's (a node's own copy of the data)."""
+    return load_client_data(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir if data_dir is None else data_dir,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        partition=cfg.partition,
+        classes_per_client=cfg.classes_per_client,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        download=cfg.download,
+        dirichlet_min_size=cfg.dirichlet_min_size,
+    )
 
 
 def clear_cache() -> None:

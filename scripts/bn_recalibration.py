@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_app.local import assign_model  # noqa: E402
 from client_app.training import evaluate_local, recalibrate_batchnorm  # noqa: E402
 from common.config import load_run_config  # noqa: E402
-from common.data import load_client_data  # noqa: E402
+from common.data import client_data_for  # noqa: E402
 from common.flat import load_flat_  # noqa: E402
 from common.models import build_model  # noqa: E402
 from server_app.hypernet import HyperNetwork  # noqa: E402
@@ -54,15 +54,7 @@ def main() -> None:
     if cfg.strategy not in ("mh-pfedhn", "mh-pfedhngd"):
         raise SystemExit(f"{args.run}: strategy {cfg.strategy!r} has no hypernetwork")
     saved = torch.load(args.run / HYPERNET_FILE, map_location="cpu", weights_only=True)
-    hn = HyperNetwork(
-        embed_dim=cfg.embed_dim,
-        hidden_dim=cfg.hidden_dim,
-        hidden_layers=cfg.hidden_layers,
-        chunk_size=cfg.chunk_size,
-        embed_init_std=cfg.embed_init_std,
-        head_type=cfg.head_type,
-        head_rank=cfg.head_rank,
-    )
+    hn = HyperNetwork.from_config(cfg)
     for name, num_params in saved["num_params"].items():
         hn.add_client(name, num_params)
     hn.load_state_dict(saved["state"])
@@ -74,18 +66,7 @@ def main() -> None:
     totals = {"stored": 0.0, "recalibrated": 0, "n": 0}
     for pid in range(num):
         name = f"client-{pid}"
-        data = load_client_data(
-            dataset=cfg.dataset,
-            data_dir=args.data_dir or cfg.data_dir,
-            partition_id=pid,
-            num_partitions=num,
-            partition=cfg.partition,
-            classes_per_client=cfg.classes_per_client,
-            dirichlet_alpha=cfg.dirichlet_alpha,
-            seed=cfg.seed,
-            download=False,
-            dirichlet_min_size=cfg.dirichlet_min_size,
-        )
+        data = client_data_for(cfg, pid, num, args.data_dir)
         model_name = assign_model(pid, num, cfg.model_list)
         model = build_model(model_name, data.num_classes, data.in_channels)
         load_flat_(model, hn.generate(name))

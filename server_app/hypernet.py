@@ -39,12 +39,15 @@ Only the hypernetwork's state lives here; how replies update it is
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 from torch import nn
 
 from common.models import num_chunks
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 HeadType = Literal["per-position", "shared", "low-rank"]
 HEAD_TYPES: tuple[str, ...] = get_args(HeadType)
@@ -334,6 +337,19 @@ class HyperNetwork(ClientGenerator):
         self.heads = nn.ModuleDict()
         self.embeddings = nn.ParameterDict()
         self.num_params: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> HyperNetwork:
+        """The hypernetwork a run's config describes (no client registered yet)."""
+        return cls(
+            embed_dim=cfg.embed_dim,
+            hidden_dim=cfg.hidden_dim,
+            hidden_layers=cfg.hidden_layers,
+            chunk_size=cfg.chunk_size,
+            embed_init_std=cfg.embed_init_std,
+            head_type=cfg.head_type,
+            head_rank=cfg.head_rank,
+        )
 
     # -- registry ------------------------------------------------------------------
     def add_client(

@@ -93,16 +93,7 @@ class MHPFedHN(HeteroStrategy):
     # -- state ------------------------------------------------------------------------
     def build_hypernetwork(self) -> HyperNetwork:
         """The hypernetwork (before any client is registered)."""
-        cfg = self.cfg
-        return HyperNetwork(
-            embed_dim=cfg.embed_dim,
-            hidden_dim=cfg.hidden_dim,
-            hidden_layers=cfg.hidden_layers,
-            chunk_size=cfg.chunk_size,
-            embed_init_std=cfg.embed_init_std,
-            head_type=cfg.head_type,
-            head_rank=cfg.head_rank,
-        ).to(self.device)
+        return HyperNetwork.from_config(self.cfg).to(self.device)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The hypernetwork optimizer: Adam with ``hn-lr`` (PAPER.md)."""
