@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from client_app.local import assign_model  # noqa: E402
 from client_app.training import evaluate_local, recalibrate_batchnorm  # noqa: E402
-from common.config import load_run_config  # noqa: E402
+from common.config import MH_STRATEGIES, load_run_config  # noqa: E402
 from common.data import client_data_for  # noqa: E402
 from common.flat import load_flat_  # noqa: E402
 from common.models import build_model  # noqa: E402
@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     raw = json.loads((args.run / "config.json").read_text())
     cfg = load_run_config(raw)
-    if cfg.strategy not in ("mh-pfedhn", "mh-pfedhngd"):
+    if cfg.strategy not in MH_STRATEGIES:
         raise SystemExit(f"{args.run}: strategy {cfg.strategy!r} has no hypernetwork")
     saved = torch.load(args.run / HYPERNET_FILE, map_location="cpu", weights_only=True)
     hn = HyperNetwork.from_config(cfg)

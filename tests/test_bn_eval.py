@@ -43,9 +43,13 @@ def test_recalibration_changes_the_evaluation_only(tmp_path):
     folder = write_learnable_imagefolder(tmp_path / "folder", 6, 24)
     runs = {}
     for mode in ("stored", "recalibrate"):
-        config = base_config(folder, tmp_path / mode, models="resnet10", bn_eval=mode)
-        config = {k.replace("_", "-"): v for k, v in config.items()}
-        config |= {"num-server-rounds": 2, "hn-update": "mean", "run-name": mode}
+        config = base_config(folder, tmp_path / mode, models="resnet10")
+        config |= {
+            "bn-eval": mode,
+            "num-server-rounds": 2,
+            "hn-update": "mean",
+            "run-name": mode,
+        }
         _, grid, _, rows = run(config, 3)
         kept = {
             name: context.state[BUFFERS_KEY]["blocks.0.bn1.running_mean"].numpy()
