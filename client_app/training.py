@@ -3,8 +3,11 @@
 Local training follows PAPER.md: ``epochs`` passes over the client's train split in
 a fresh random order, mini-batches of ``batch_size``, SGD with momentum and weight
 decay, gradient norm clipped to ``grad_clip``, and a fresh optimizer every round.
-Strategies that train differently (distillation, prototypes, ...) pass their own
-``loss_fn``; they never copy the loop.
+Strategies that train several models together (mutual learning) pass them in an
+``nn.ModuleDict`` and each model's gradient norm is clipped on its own, as HtFLlib's
+one optimizer and one ``clip_grad_norm_`` per model do. Strategies that train
+differently (distillation, prototypes, ...) pass their own ``loss_fn``; they never
+copy the loop.
 
 Data are in-memory tensors, so batches are index slices of a seeded permutation,
 which is much cheaper than a ``DataLoader`` for 32x32 images.
@@ -80,6 +83,25 @@ def distillation_loss(
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits, targets)
 
 
+def clip_groups(
+    model: nn.Module, params: list[nn.Parameter]
+) -> list[list[nn.Parameter]]:
+    """The parameter groups whose gradient norms are clipped separately.
+
+    One group (all of ``params``) for a single model; for an ``nn.ModuleDict`` one
+    group per entry (its parameters among ``params``), so that clipping ``||g_m||``
+    of one model to ``grad_clip`` never rescales another model's gradient. Empty
+    groups are dropped.
+    """
+    if not isinstance(model, nn.ModuleDict):
+        return [params]
+    chosen = {id(p) for p in params}
+    groups = [
+        [p for p in module.parameters() if id(p) in chosen] for module in model.values()
+    ]
+    return [g for g in groups if g]
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
@@ -103,14 +125,16 @@ def train_local(
         CPU generator that draws the batch order (seeded by the caller).
     loss_fn : LossFn
         Loss of one mini-batch; cross-entropy by default. A strategy that trains
-        two models together (mutual learning) passes a container of both and a
-        loss that sums theirs.
+        two models together (mutual learning) passes an ``nn.ModuleDict`` of both
+        and a loss that sums theirs; each model's gradient is clipped on its own
+        (:func:`clip_groups`).
     params : list of nn.Parameter, optional
         The parameters to optimise; default all trainable ones of ``model``.
     """
     start = time.perf_counter()
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
+    groups = clip_groups(model, params)
     optimizer = torch.optim.SGD(
         params,
         lr=hparams.lr,
@@ -127,7 +151,8 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, x[idx], y[idx])
             loss.backward()
-            nn.utils.clip_grad_norm_(params, hparams.grad_clip)
+            for group in groups:
+                nn.utils.clip_grad_norm_(group, hparams.grad_clip)
             optimizer.step()
             total += loss.item()
             batches += 1

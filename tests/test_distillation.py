@@ -18,6 +18,7 @@ from torch import nn
 from client_app.trainers.fd import fd_regulariser
 from client_app.trainers.fedkd import fedkd_losses
 from client_app.trainers.fml import fml_losses
+from client_app.training import LocalHParams, clip_groups, train_local
 from common import lowrank
 from common import protocol as P
 from common.config import ConfigError, load_run_config
@@ -81,6 +82,39 @@ def test_fml_refuses_weights_outside_unit_interval():
     with pytest.raises(ConfigError, match="'fml-alpha' = 1.5"):
         FML(load_run_config({"strategy": "fml", "fml-alpha": 1.5}))
     assert FML(load_run_config({"strategy": "fml", "fml-beta": 0.5}))
+
+
+def test_mutual_learning_clips_each_model_on_its_own():
+    """With fml-alpha = fml-beta = 1 the personal model's loss is its own
+    cross-entropy, and per-model clipping (HtFLlib) leaves it training exactly as
+    it would alone; one clip over both models together would rescale it by the
+    other model's gradient too."""
+    torch.manual_seed(0)
+    x, y = 10 * torch.randn(16, 4), torch.randint(0, 3, (16,))
+    hp = LocalHParams(batch_size=4, grad_clip=1.0)
+    personal, shared = nn.Linear(4, 3), nn.Linear(4, 3)
+    alone = nn.Linear(4, 3)
+    alone.load_state_dict(personal.state_dict())
+    pair = nn.ModuleDict({"personal": personal, "shared": shared})
+    # Precondition: each model's gradient alone exceeds the clip, so the joint norm
+    # differs from the personal one and joint clipping would change the result.
+    grads = [
+        torch.autograd.grad(F.cross_entropy(m(x[:4]), y[:4]), m.weight)[0].norm()
+        for m in (personal, shared)
+    ]
+    assert min(grads) > hp.grad_clip
+
+    def mutual(models, xb, yb):
+        return sum(
+            fml_losses(models["personal"](xb), models["shared"](xb), yb, 1.0, 1.0)
+        )
+
+    train_local(pair, x, y, hp, torch.Generator().manual_seed(1), mutual)
+    train_local(alone, x, y, hp, torch.Generator().manual_seed(1))
+    for a, b in zip(personal.parameters(), alone.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert [len(g) for g in clip_groups(pair, list(pair.parameters()))] == [2, 2]
+    assert len(clip_groups(alone, list(alone.parameters()))) == 1
 
 
 # -- FedKD ----------------------------------------------------------------------------

@@ -48,9 +48,9 @@ Deviations from HtFLlib (``clientkd.py``, ``serverkd.py``, ``main.py``):
   and weight decay, ``client-lr``, ``batch-size``, ``local-epochs``; HtFLlib: plain
   SGD, lr 0.01, batch 10), with one optimizer over teacher, student and ``W_h``
   (HtFLlib: one each, all at the client lr -- its ``mentee_learning_rate`` is
-  read but unused -- so the student uses ``client-lr`` here too) and one
-  gradient-norm clip at ``client-grad-clip`` over all three together (HtFLlib:
-  each at 10);
+  read but unused -- so the student uses ``client-lr`` here too), and each of
+  the three's gradient norm clipped on its own at ``client-grad-clip`` (HtFLlib:
+  at 10);
 - a convolution kernel ``[out, in, kh, kw]`` is decomposed as one
   ``[out, in*kh*kw]`` matrix; HtFLlib runs a batched SVD of every ``kh x kw``
   slice (with a joint energy threshold), whose factors are larger than the

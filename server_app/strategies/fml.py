@@ -36,8 +36,10 @@ Deviations from HtFLlib (``clientfml.py``, ``serverfml.py``, ``main.py``):
 - local training uses this app's settings for every strategy (SGD with momentum
   and weight decay, ``client-lr``, ``batch-size``, ``local-epochs``; HtFLlib: plain
   SGD, lr 0.01, batch 10), one optimizer over both models with the same settings
-  (HtFLlib: one per model with the same lr), and one gradient-norm clip at
-  ``client-grad-clip`` over both models together (HtFLlib: each model at 10);
+  (HtFLlib: one per model with the same lr; SGD updates each parameter on its
+  own, so this is the same), and each model's gradient norm clipped on its own at
+  ``client-grad-clip`` (HtFLlib: at 10). So with ``fml-alpha = fml-beta = 1`` the
+  personal model trains exactly as under ``local``;
 - the meme is averaged weighted by examples (FedAvg); HtFLlib averages the
   uploaded memes uniformly;
 - the meme's architecture is ``global-model``; HtFLlib uses the first client
