@@ -96,8 +96,9 @@ def test_mutual_learning_clips_each_model_on_its_own():
     alone = nn.Linear(4, 3)
     alone.load_state_dict(personal.state_dict())
     pair = nn.ModuleDict({"personal": personal, "shared": shared})
-    # Precondition: each model's gradient alone exceeds the clip, so the joint norm
-    # differs from the personal one and joint clipping would change the result.
+    # Precondition: on a batch of four, each model's gradient alone exceeds the clip,
+    # so the joint norm differs from the personal one and one joint clip would change
+    # the result (checked: with a single clip group this test fails).
     grads = [
         torch.autograd.grad(F.cross_entropy(m(x[:4]), y[:4]), m.weight)[0].norm()
         for m in (personal, shared)
