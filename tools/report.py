@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -464,7 +465,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 6))
     colours = plt.get_cmap("tab10" if len(report["strategies"]) <= 10 else "tab20")
     drawn = 0
     for i, s in enumerate(report["strategies"]):
@@ -499,8 +500,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     if drawn:
-        ax.legend(fontsize="small", ncol=2 if drawn > 5 else 1)
-    ax.set_title(report["title"])
+        # Below the axes, so that no curve is hidden behind it.
+        ax.legend(
+            fontsize="small",
+            ncol=min(drawn, 4),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.12),
+        )
+    ax.set_title(textwrap.fill(report["title"], 70), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
