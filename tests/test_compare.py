@@ -218,8 +218,22 @@ def test_committed_records_are_finished_runs_of_their_preset(run):
     assert len(found.curve) == spec.rounds
 
 
-def test_records_are_committed_for_the_five_model_table():
-    assert RECORDS, "docs/results/compare-cifar10-hetero/runs/ holds no run"
+def test_the_five_model_table_in_the_docs_is_what_the_records_give():
+    """docs/COMPARISON.md's 5-model table: every run of the preset is recorded, and
+    each strategy's accuracy cells are those ``make compare --table-only`` computes
+    from the records (a record added or replaced without updating the docs fails)."""
+    out = ROOT / "docs" / "results" / "compare-cifar10-hetero"
+    preset = load_preset(ROOT / "conf" / "compare-cifar10-hetero.toml")
+    specs = preset.runs()
+    assert {p.name for p in (out / "runs").iterdir()} == {s.name for s in specs}
+    docs = (ROOT / "docs" / "COMPARISON.md").read_text()
+    for s in report.build_report(out, preset, specs)["strategies"]:
+        assert s["seeds_finished"] == s["seeds_total"] == 2, s["strategy"]
+        row = (
+            f"| `{s['strategy']}` | {report.format_accuracy(s['final_accuracy'])} "
+            f"| {report.format_accuracy(s['best_accuracy'])} |"
+        )
+        assert row in docs, f"docs/COMPARISON.md lacks the row {row}"
 
 
 def test_cli_rejects_only_outside_the_preset(tmp_path, capsys):

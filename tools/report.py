@@ -350,7 +350,8 @@ def build_report(out: Path, preset: Preset, specs: list[RunSpec]) -> dict[str, A
     }
 
 
-def _pct(stat: dict[str, Any] | None) -> str:
+def format_accuracy(stat: dict[str, Any] | None) -> str:
+    """An accuracy statistic as the table prints it: ``mean`` or ``mean ± std`` (%)."""
     if stat is None:
         return "–"
     if len(stat["values"]) == 1:
@@ -405,8 +406,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"seed {r.seed} {r.describe()}" for r in s["runs"] if not r.finished
         )
         lines.append(
-            f"| {s['strategy']} | {_pct(s['final_accuracy'])} | "
-            f"{_pct(s['best_accuracy'])} | {_num(_mean_of(s['round_seconds']))} | "
+            f"| {s['strategy']} | {format_accuracy(s['final_accuracy'])} | "
+            f"{format_accuracy(s['best_accuracy'])} | "
+            f"{_num(_mean_of(s['round_seconds']))} | "
             f"{_num(_mean_of(s['cpu_seconds']), digits=1)} | "
             f"{_num(_mean_of(s['bytes_down_per_client_round']), 1e6, 3)} | "
             f"{_num(_mean_of(s['bytes_up_per_client_round']), 1e6, 3)} | "
