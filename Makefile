@@ -14,10 +14,10 @@ RESULTS_DIR ?= $(CURDIR)/results
 RUN_CONFIG ?=
 export RUN_CONFIG
 FEDERATION_CONFIG ?= $(CURDIR)/simulation.toml
-# `make compare`: a preset of strategies x seeds (conf/*.toml), its output folder
+# `make compare`: a preset of strategies x seeds (conf/compare/*.toml), its output folder
 # and extra options, e.g. COMPARE_ARGS="--only fedavg,local --seeds 42 --table-only"
-PRESET ?= conf/compare-cifar10-cnn.toml
-COMPARE_OUT ?= $(RESULTS_DIR)/compare-$(patsubst compare-%,%,$(basename $(notdir $(PRESET))))
+PRESET ?= conf/compare/cifar10-cnn-50clients.toml
+COMPARE_OUT ?= $(RESULTS_DIR)/compare-$(basename $(notdir $(PRESET)))
 COMPARE_ARGS ?=
 # flwr would otherwise `uv sync` the app's dependencies for every run (and pull
 # CUDA builds of torch); the venv already has them.

@@ -129,8 +129,8 @@ class RunConfig(BaseModel):
 
     # Baselines (HtFLlib's defaults; see each strategy module's docstring)
     reg_lambda: float = Field(1.0, ge=0.0)
-    fml_alpha: float = Field(1.0, ge=0.0, le=1.0)
-    fml_beta: float = Field(1.0, ge=0.0, le=1.0)
+    fml_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    fml_beta: float = Field(0.5, ge=0.0, le=1.0)
     fedkd_energy_start: float = Field(0.95, gt=0.0, le=1.0)
     fedkd_energy_end: float = Field(0.98, gt=0.0, le=1.0)
     server_lr: float = Field(0.01, gt=0.0)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from common.config import load_run_config
 from common.machine import describe as describe_machine
 from server_app.strategies import available_strategies
 from tools import compare, report
@@ -62,7 +64,7 @@ def write_preset(tmp_path: Path, text: str = PRESET, name: str = "p.toml") -> Pa
         ("[run-config]\n", "section [compare] is missing"),
         (
             PRESET.replace("num-supernodes = 3", "num-supernodes = 3\nworkers = 2"),
-            "[compare] unknown key 'workers'; allowed keys: title, strategies",
+            "[compare] unknown key 'workers'; allowed keys: title, setting, strategies",
         ),
         (
             PRESET.replace('["local", "fedavg", "mh-pfedhn"]', "[]"),
@@ -159,26 +161,47 @@ def test_runs_are_seed_major_with_overrides_and_absolute_paths(tmp_path):
     ]
 
 
+def test_setting_is_a_run_config_file_under_the_presets_run_config(tmp_path):
+    (tmp_path / "setting.toml").write_text('models = "cnn,vgg8"\nbatch-size = 32\n')
+    text = PRESET.replace("[compare]\n", '[compare]\nsetting = "setting.toml"\n')
+    spec = load_preset(write_preset(tmp_path, text)).runs()[0]
+    assert spec.run_config["batch-size"] == 32
+    assert spec.run_config["models"] == "cnn"  # [run-config] wins over the setting
+    missing = text.replace("setting.toml", "nope.toml")
+    with pytest.raises(PresetError, match="key 'setting' = 'nope.toml': no such file"):
+        load_preset(write_preset(tmp_path, missing, "q.toml"))
+    (tmp_path / "setting.toml").write_text("batch-size = 0\n")
+    with pytest.raises(PresetError, match="batch-size"):
+        load_preset(write_preset(tmp_path, text, "r.toml"))
+
+
 def test_rounds_default_is_explicit_in_every_run(tmp_path):
     text = PRESET.replace("num-server-rounds = 3\n", "")
     spec = load_preset(write_preset(tmp_path, text)).runs()[0]
     assert spec.run_config["num-server-rounds"] == spec.rounds == 40
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.toml")), ids=str)
+CPU_PRESETS = {
+    # preset: (clients, rounds, models)
+    "quick-cifar10-cnn.toml": (10, 40, "cnn"),
+    "quick-cifar10-5models.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
+    "cifar10-cnn-50clients.toml": (50, 100, "cnn"),
+    "cifar10-cnn-50clients-hn-window1.toml": (50, 100, "cnn"),
+    "cifar10-5models-50clients.toml": (50, 60, "cnn,vgg8,resnet10,resnet12,resnet18"),
+}
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf" / "compare").glob("*.toml")), ids=str
+)
 def test_shipped_presets_are_valid(path):
     allowed = sorted(set(available_strategies()) | set(HETERO) | {"pfedhn", "fedavg"})
     preset = load_preset(path, allowed=allowed)
     specs = preset.runs()
     assert len(specs) == len(preset.strategies) * len(preset.seeds)
-    assert set(HETERO) <= set(preset.strategies)
-    if path.name == "compare-cifar10-cnn.toml":
-        assert set(preset.strategies) == set(HETERO) | {"fedavg", "pfedhn"}
-        assert preset.run_config["models"] == "cnn"
-    else:
+    if path.name.startswith("paper-"):
         assert preset.strategies == HETERO
         assert preset.run_config["models"] == "cnn,vgg8,resnet10,resnet12,resnet18"
-    if path.name.startswith("paper-"):
         assert preset.num_supernodes == 50 and specs[0].rounds == 500
         expected = {
             "paper-cifar10-pathological.toml": ("classes-per-client", 2),
@@ -187,9 +210,23 @@ def test_shipped_presets_are_valid(path):
             "paper-cifar100-dirichlet.toml": ("dirichlet-alpha", 0.01),
         }[path.name]
         assert preset.run_config[expected[0]] == expected[1]
-    else:
-        assert preset.num_supernodes == 10 and specs[0].rounds == 40
-        assert preset.seeds == [42, 43]
+        return
+    clients, rounds, models = CPU_PRESETS[path.name]
+    assert preset.num_supernodes == clients and specs[0].rounds == rounds
+    assert preset.run_config["models"] == models and preset.seeds == [42, 43]
+    if path.name.startswith("quick-"):
+        assert set(HETERO) <= set(preset.strategies)
+    if path.name in ("quick-cifar10-cnn.toml", "cifar10-cnn-50clients.toml"):
+        assert set(preset.strategies) == set(HETERO) | {"fedavg", "pfedhn"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("*.toml")), ids=str)
+def test_run_config_files_load_through_the_schema(path):
+    """conf/*.toml are what `flwr run --run-config FILE` takes: known keys only,
+    every value valid, and each names a paper setting with 50 clients' 500 rounds."""
+    data = tomllib.loads(path.read_text())
+    cfg = load_run_config(data)
+    assert cfg.num_server_rounds == 500 and cfg.dataset in ("cifar10", "cifar100")
 
 
 #: The files of a run that the table needs, committed for long comparisons (README),
@@ -201,14 +238,14 @@ RECORDS = sorted((ROOT / "docs" / "results").glob("*/runs/*"))
 
 @pytest.mark.parametrize("run", RECORDS, ids=lambda p: p.name)
 def test_committed_records_are_finished_runs_of_their_preset(run):
-    """docs/results/<preset>/runs/<run>: a finished run of conf/<preset>.toml, as is.
+    """docs/results/<preset>/runs/<run>: a finished run of conf/compare/<preset>.toml.
 
     It fails when the preset or the run-config schema moves away from what the run
     used (the table would call the run stale), or when more than the record is
     committed (checkpoints, logs).
     """
     out = run.parents[1]
-    preset = load_preset(ROOT / "conf" / f"{out.name}.toml")
+    preset = load_preset(ROOT / "conf" / "compare" / f"{out.name}.toml")
     (spec,) = [s for s in preset.runs() if s.name == run.name]
     assert (
         RECORD_FILES <= {p.name for p in run.iterdir()} <= RECORD_FILES | RECORD_EXTRA
@@ -222,8 +259,8 @@ def test_the_five_model_table_in_the_docs_is_what_the_records_give():
     """docs/COMPARISON.md's 5-model table: every run of the preset is recorded, and
     each strategy's accuracy cells are those ``make compare --table-only`` computes
     from the records (a record added or replaced without updating the docs fails)."""
-    out = ROOT / "docs" / "results" / "compare-cifar10-hetero"
-    preset = load_preset(ROOT / "conf" / "compare-cifar10-hetero.toml")
+    out = ROOT / "docs" / "results" / "quick-cifar10-5models"
+    preset = load_preset(ROOT / "conf" / "compare" / "quick-cifar10-5models.toml")
     specs = preset.runs()
     assert {p.name for p in (out / "runs").iterdir()} == {s.name for s in specs}
     docs = (ROOT / "docs" / "COMPARISON.md").read_text()

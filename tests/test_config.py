@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from common.config import ConfigError, RunConfig, load_run_config
 from server_app.strategies import build_strategy

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import tomllib
 from pathlib import Path
 
 import flwr
@@ -260,11 +261,6 @@ def test_dockerfile_builds_on_flowers_superexec_and_installs_like_the_makefile()
     sources = {s for line in copied for s in line.split()}
     for source in sources:
         assert (ROOT / source).exists(), source
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     top_level = {p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]}
     assert top_level <= sources

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m tools.compare conf/compare-cifar10-hetero.toml \\
+    python -m tools.compare conf/compare/quick-cifar10-5models.toml \\
         [--out DIR] [--data-dir DIR] [--only a,b] [--seeds 42,43] \\
         [--timeout SECONDS] [--table-only] [--dry-run]
 
@@ -73,12 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Run strategies x seeds of one setting through `flwr run` and "
         "write comparison.md, comparison.json and comparison.png.",
     )
-    parser.add_argument("preset", type=Path, help="preset TOML, e.g. conf/*.toml")
+    parser.add_argument(
+        "preset", type=Path, help="preset TOML, e.g. conf/compare/*.toml"
+    )
     parser.add_argument(
         "--out",
         type=Path,
-        help="comparison folder (default: results/compare-<preset name without a "
-        "leading compare->)",
+        help="comparison folder (default: results/compare-<preset name>)",
     )
     parser.add_argument(
         "--data-dir",
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         preset = load_preset(args.preset)
-        default = Path("results") / f"compare-{preset.name.removeprefix('compare-')}"
+        default = Path("results") / f"compare-{preset.name}"
         out = absolute(args.out or default)
         data_dir = absolute(args.data_dir) if args.data_dir else None
         if args.only is not None:

@@ -1,9 +1,10 @@
 """Comparison presets: which strategies and seeds run on one shared setting.
 
-A preset is a TOML file (``conf/compare-*.toml``, ``conf/paper-*.toml``)::
+A preset is a TOML file (``conf/compare/*.toml``)::
 
     [compare]
     title = "CIFAR-10, 5 models"          # optional, heads the table and plot
+    setting = "../cifar10-pathological-5models.toml"  # optional run-config file
     strategies = ["local", "mh-pfedhn"]   # server_app.strategies names
     seeds = [42, 43]                      # each run gets run-config `seed`
     num-supernodes = 10                   # simulated clients
@@ -11,12 +12,16 @@ A preset is a TOML file (``conf/compare-*.toml``, ``conf/paper-*.toml``)::
     client-resources-num-gpus = 0.0       # optional, per simulated client
     timeout = 86400                       # optional, seconds per run
 
-    [run-config]                          # shared by every run
+    [run-config]                          # shared by every run, over `setting`
     models = "cnn,vgg8"
     num-server-rounds = 40
 
     [strategy-config.fedavg]              # optional, per-strategy overrides
     client-lr = 0.01
+
+``setting`` names a run-config file (``conf/*.toml``, the one a user passes to
+``flwr run --run-config``), relative to the preset: the comparison runs exactly that
+setting, with ``[run-config]`` on top of it.
 
 Every run is ``strategy x seed`` with run-name ``<strategy>-seed<seed>``. The
 preset is checked as a whole (sections, keys, types, strategy names against the
@@ -27,21 +32,18 @@ registry as it is at run time, and each resulting run configuration through
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_run_config
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 SECTIONS = ("compare", "run-config", "strategy-config")
 #: ``[compare]`` keys: (required, default).
 COMPARE_KEYS: dict[str, tuple[bool, Any]] = {
     "title": (False, ""),
+    "setting": (False, ""),
     "strategies": (True, None),
     "seeds": (True, None),
     "num-supernodes": (True, None),
@@ -279,6 +281,23 @@ def _check_run_config(where: str, table: Any) -> dict[str, Any]:
     return dict(table)
 
 
+def _load_setting(preset: Path, setting: Any) -> dict[str, Any]:
+    """The run-config file named by ``[compare] setting`` (relative to the preset)."""
+    if setting == "":
+        return {}
+    where = f"{preset}: [compare] key 'setting'"
+    if not isinstance(setting, str):
+        raise PresetError(f"{where} must be the path of a run-config file")
+    file = preset.parent / setting
+    if not file.is_file():
+        raise PresetError(f"{where} = {setting!r}: no such file ({file})")
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise PresetError(f"{file}: not valid TOML: {err}") from None
+    return _check_run_config(f"{file}", data)
+
+
 def parse_preset(
     path: Path, data: dict[str, Any], allowed: list[str] | None = None
 ) -> Preset:
@@ -300,7 +319,10 @@ def parse_preset(
     _check_strategies(
         values["strategies"], f"{path}: [compare] key 'strategies'", allowed
     )
-    run_config = _check_run_config(f"{path}: [run-config]", data.get("run-config", {}))
+    run_config = {
+        **_load_setting(path, values["setting"]),
+        **_check_run_config(f"{path}: [run-config]", data.get("run-config", {})),
+    }
     rounds = run_config.get("num-server-rounds", 1)
     if _is_int(rounds) and rounds < 1:
         raise PresetError(

@@ -11,7 +11,7 @@ each mini-batch of its local split (deep mutual learning), with logits ``z_p``,
     L_p = alpha CE(z_p, y) + (1 - alpha) KL(softmax(z_s) || softmax(z_p))
     L_s = beta  CE(z_s, y) + (1 - beta)  KL(softmax(z_p) || softmax(z_s))
 
-``alpha = fml-alpha``, ``beta = fml-beta`` (HtFLlib's defaults 1.0 and 1.0), KL
+``alpha = fml-alpha``, ``beta = fml-beta`` (default 0.5 each, the FML paper's), KL
 at temperature 1, summed over classes and divided by ``B * C`` (HtFLlib's
 ``nn.KLDivLoss()`` with its default ``'mean'`` reduction). HtFLlib back-propagates
 ``L_p`` and then ``L_s`` into the same gradients without detaching either softmax
@@ -21,11 +21,11 @@ meme to the example-weighted mean of the uploaded memes
 (:class:`~server_app.strategies.averaging.AveragingStrategy`). Evaluation: the
 personal model only (so carried evaluation needs nothing from the server).
 
-**With the defaults alpha = beta = 1 the KL terms have weight 0**: each personal
-model trains with plain cross-entropy and the meme is FedAvg of cross-entropy-
-trained copies -- exactly what HtFLlib runs with its defaults. The FML paper's
-experiments use alpha = beta = 0.5; set ``fml-alpha`` / ``fml-beta`` for that.
-Both must lie in [0, 1] (the losses are convex combinations; checked here).
+The defaults are the FML paper's alpha = beta = 0.5. HtFLlib's defaults
+alpha = beta = 1 give the KL terms weight 0: each personal model then trains with
+plain cross-entropy (exactly as under ``local``) and the meme is FedAvg of
+cross-entropy-trained copies; set ``fml-alpha = 1.0`` / ``fml-beta = 1.0`` to run
+that. Both must lie in [0, 1] (the losses are convex combinations; checked here).
 
 Wire: down ``shared`` (the meme, flat float32 ``[K_s]``; 234,006 values for
 ``cnn`` on CIFAR-10) in train messages only (evaluation messages carry no
