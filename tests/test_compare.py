@@ -187,6 +187,7 @@ CPU_PRESETS = {
     "quick-cifar10-5models.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-cnn-50clients.toml": (50, 100, "cnn"),
     "cifar10-cnn-50clients-hn-window1.toml": (50, 100, "cnn"),
+    "cifar10-cnn-50clients-gd-alpha0.toml": (50, 100, "cnn"),
     "cifar10-5models-50clients.toml": (50, 60, "cnn,vgg8,resnet10,resnet12,resnet18"),
 }
 

@@ -77,3 +77,24 @@ def test_gd_round_trains_the_global_embedding_and_evaluates_personal_models(
     assert not np.array_equal(by_round[1][0], by_round[2][0])
     replies = [r for r in grid.answered if P.ARRAYS in r.content]
     assert all(P.GLOBAL_DELTA in r.content[P.ARRAYS] for r in replies)
+
+
+def test_a_batchnorm_teacher_normalises_with_batch_statistics():
+    """The generated global model has no running statistics: its BatchNorm layers
+    use the batch's (as the reference's teacher, left in training mode), dropout
+    stays off, and its forward pass is the training-mode one."""
+    from client_app.trainers.hypernet_gd import batch_statistics
+    from common.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet10", 10, 3)
+    x = torch.randn(8, 3, 32, 32) * 3 + 1
+    with torch.no_grad():
+        fresh_eval = model.eval()(x)
+        teacher = batch_statistics(model.eval())
+        bn = [m for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert bn and all(m.training for m in bn) and not teacher.training
+        got = teacher(x)
+        expected = model.train()(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, fresh_eval, atol=1e-3)

@@ -8,6 +8,11 @@ the teacher being the round-start ``g`` (not the fine-tuned copy). Both deltas g
 back (in the run-config ``transfer`` encoding); only the personal model is
 ever evaluated.
 
+The teacher normalises with the statistics of the batch it sees (BatchNorm in
+training mode, as in the reference code, whose teacher is never switched to
+evaluation mode): the server generates only the global model's parameters, so it
+has no running statistics to evaluate with. Dropout is off in the teacher.
+
 Deviation from the reference code: phase A clips its gradient norm at
 ``client-grad-clip`` like every local training here (the reference does not clip
 phase A; at norm 50 the clip rarely acts).
@@ -26,6 +31,14 @@ from common.models import build_model
 from ..training import distillation_loss
 from .base import register_trainer
 from .delta import DeltaTrainer
+
+
+def batch_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its BatchNorm layers normalising by batch statistics."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+    return model
 
 
 @register_trainer("mh-pfedhngd")
@@ -50,7 +63,7 @@ class HypernetGDTrainer(DeltaTrainer):
         delta_g = g - flatten_params(student).cpu().numpy()
 
         # Phase B: personal training distilled from the round-start global model.
-        teacher = self.global_model(g).eval()
+        teacher = batch_statistics(self.global_model(g).eval())
 
         def loss_fn(model, xb, yb):
             with torch.no_grad():
