@@ -184,6 +184,10 @@ def evaluate_local(
     return (loss_sum / n if n else 0.0), correct, n
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module, x: torch.Tensor, batch_size: int = 256

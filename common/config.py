@@ -83,11 +83,13 @@ class RunConfig(BaseModel):
     client_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     client_weight_decay: float = Field(5e-4, ge=0.0)
     client_grad_clip: float = Field(50.0, gt=0.0)
-    #: BatchNorm statistics a client evaluates with: ``stored`` (PAPER.md: those
-    #: kept from its own last training) or ``recalibrate`` (recomputed for the
+    #: BatchNorm statistics a client evaluates with: ``stored`` (the paper: those
+    #: kept from its own last training), ``recalibrate`` (recomputed for the
     #: evaluated weights on its train split first, then the stored ones restored;
-    #: :func:`client_app.training.recalibrate_batchnorm`). Evaluation only.
-    bn_eval: Literal["stored", "recalibrate"] = "stored"
+    #: :func:`client_app.training.recalibrate_batchnorm`) or ``both`` (the stored
+    #: reading as ``accuracy``, the recalibrated one as ``accuracy_recalibrated``).
+    #: Evaluation only.
+    bn_eval: Literal["stored", "recalibrate", "both"] = "stored"
 
     # Hypernetwork
     hn_lr: float = Field(2e-4, gt=0.0)

@@ -22,7 +22,8 @@ Evaluate
     client -> server: ``info`` and ``metrics`` with :data:`NUM_EXAMPLES`,
     :data:`CORRECT` and :data:`LOSS` (mean over the client's test examples), and
     :data:`SECONDS` and :data:`CPU_SECONDS` of the evaluation loop, and
-    :data:`MESSAGE_CPU_SECONDS`.
+    :data:`MESSAGE_CPU_SECONDS`; with run-config ``bn-eval = "both"`` and a model
+    with BatchNorm also :data:`CORRECT_RECALIBRATED`.
 
 :data:`CPU_SECONDS`, :data:`MESSAGE_CPU_SECONDS`, and :data:`SECONDS` of an
 evaluation, are optional: the server only adds them up per round
@@ -93,6 +94,9 @@ GLOBAL_LOSS = "global-loss"
 NUM_EXAMPLES = "num-examples"
 LOSS = "loss"
 CORRECT = "correct"
+#: Correct test predictions with BatchNorm statistics recomputed for the evaluated
+#: weights (``bn-eval = "both"``; :data:`CORRECT` then uses the stored ones).
+CORRECT_RECALIBRATED = "correct-recalibrated"
 SECONDS = "seconds"
 #: CPU time (``time.process_time``) of the client's training or evaluation loops.
 CPU_SECONDS = "cpu-seconds"

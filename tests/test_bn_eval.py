@@ -42,8 +42,8 @@ def test_recalibration_changes_the_evaluation_only(tmp_path):
     statistics the client kept."""
     folder = write_learnable_imagefolder(tmp_path / "folder", 6, 24)
     runs = {}
-    for mode in ("stored", "recalibrate"):
-        config = base_config(folder, tmp_path / mode, models="resnet10")
+    for mode in ("stored", "recalibrate", "both"):
+        config = base_config(folder, tmp_path / mode, models="resnet10,cnn")
         config |= {
             "bn-eval": mode,
             "num-server-rounds": 2,
@@ -54,11 +54,22 @@ def test_recalibration_changes_the_evaluation_only(tmp_path):
         kept = {
             name: context.state[BUFFERS_KEY]["blocks.0.bn1.running_mean"].numpy()
             for name, context in grid.contexts.items()
+            if BUFFERS_KEY in context.state
+            and "blocks.0.bn1.running_mean" in context.state[BUFFERS_KEY]
         }
+        assert kept
         runs[mode] = (rows, kept)
     (stored, kept_s), (recal, kept_r) = runs["stored"], runs["recalibrate"]
+    both, kept_b = runs["both"]
     assert [r["train_loss"] for r in stored] == [r["train_loss"] for r in recal]
-    assert kept_s.keys() == kept_r.keys()
+    assert [r["train_loss"] for r in stored] == [r["train_loss"] for r in both]
+    assert kept_s.keys() == kept_r.keys() == kept_b.keys()
     for name in kept_s:
         np.testing.assert_array_equal(kept_s[name], kept_r[name])
+        np.testing.assert_array_equal(kept_s[name], kept_b[name])
     assert [r["loss"] for r in stored] != [r["loss"] for r in recal]
+    # "both": the stored reading as accuracy, the recalibrated one beside it (the
+    # cnn client, without BatchNorm, counts the same in both).
+    assert [r["accuracy"] for r in both] == [r["accuracy"] for r in stored]
+    assert [r["accuracy_recalibrated"] for r in both] == [r["accuracy"] for r in recal]
+    assert "accuracy_recalibrated" not in stored[0]

@@ -407,11 +407,14 @@ def test_table_mean_std_bytes_and_failures(hand_made):
     md = (out / "comparison.md").read_text()
     down = (seed1 + seed2) / 2 / 1e6
     assert (
-        f"| local | 60.00 ± 10.00 | 60.00 ± 10.00 | 2.00 | 20.5 | {down:.3f} | "
-        f"{up / 1e6:.3f} | 2/2 |  |" in md
+        f"| local | 60.00 ± 10.00 | 60.00 ± 10.00 | 45.00 ± 8.33 | – | 2.00 | 20.5 | "
+        f"{down:.3f} | {up / 1e6:.3f} | 2/2 |  |" in md
     )
     # 3 MB x round / 3 clients, mean over rounds 1-3: 2 MB per client-round.
-    assert "| mh-pfedhn | 80.00 | 90.00 | 2.00 | 20.5 | 2.000 | 0.000 | 1/2 |" in md
+    assert (
+        "| mh-pfedhn | 80.00 | 90.00 | 73.33 | – | 2.00 | 20.5 | 2.000 | 0.000 | 1/2 |"
+        in md
+    )
     assert (
         "seed 2 failed: after 1/3 rounds: HandshakeError: handshake failed: node 7: "
         "Exception occurred. Message: Dataset 'cifar10' not found in /data." in md
@@ -509,7 +512,7 @@ def test_rerun_skips_finished_and_sets_old_attempts_aside(
 
     assert compare.main([*argv, "--seeds", "5", "--table-only"]) == 0
     assert FakeRunner.ran == []
-    assert "| local | – | – | – | – | – | – | 0/1 | seed 5 not run |" in (
+    assert "| local | – | – | – | – | – | – | – | – | 0/1 | seed 5 not run |" in (
         (out / "comparison.md").read_text()
     )
 
@@ -595,3 +598,17 @@ batch-size = 16
     address = config.split('address = "', 1)[1].split('"', 1)[0]
     if Path("/proc").is_dir():
         assert _processes_mentioning(address) == []
+
+
+def test_table_reads_the_recalibrated_accuracy_when_every_round_has_it(tmp_path):
+    preset = load_preset(write_preset(tmp_path))
+    out = tmp_path / "out"
+    specs = preset.runs(seeds=[1], strategies=["local"])
+    path = fake_run(out, "local-seed1", [0.2, 0.4, 0.5])
+    text = (path / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    for row, recalibrated in zip(rows, [0.6, 0.9, 0.8, 0.1], strict=True):
+        row["accuracy_recalibrated"] = recalibrated
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = report.markdown(report.build_report(out, preset, specs))
+    assert "| local | 50.00 | 50.00 | 36.67 | 80.00 / 90.00 |" in md

@@ -9,10 +9,11 @@ Layout of a comparison folder ``<out>/``:
     The output of its ``flwr run``; when and by which process it started and
     how it ended (exit code, seconds, whether it timed out).
 ``comparison.md``, ``comparison.json``, ``comparison.png``
-    Per strategy: final and best accuracy (mean ± std over the seeds that
-    finished), seconds per round, array bytes per training client per round
-    (down and up) and the number of finished seeds; per run also the machine it
-    ran on (its ``machine.json``); the mean accuracy curves.
+    Per strategy: final, best and last-5-mean accuracy (and, with ``bn-eval =
+    "both"``, final and best with recalibrated BatchNorm statistics; mean ± std
+    over the seeds that finished), seconds per round, array bytes per training
+    client per round (down and up) and the number of finished seeds; per run
+    also the machine it ran on (its ``machine.json``); the mean accuracy curves.
 
 Everything here reads files only, so ``--table-only`` rebuilds the outputs from
 whatever runs exist, also while others are still running.
@@ -49,6 +50,10 @@ EXCEPTION_LINE = re.compile(
     r"(?::\s*(.*))?$"
 )
 REASON_CHARS = 240
+#: Evaluations averaged for the "last 5" reading (the end of a noisy curve).
+LAST = 5
+#: The per-round accuracy with BatchNorm statistics recomputed (``bn-eval = both``).
+RECAL = "accuracy_recalibrated"
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -79,6 +84,9 @@ class RunReport:
     final_accuracy: float | None = None
     best_accuracy: float | None = None
     best_round: int | None = None
+    last5_accuracy: float | None = None
+    final_recalibrated: float | None = None
+    best_recalibrated: float | None = None
     round_seconds: float | None = None
     cpu_seconds: float | None = None
     bytes_down_per_client: float | None = None
@@ -243,6 +251,11 @@ def inspect_run(out: Path, preset: Preset, spec: RunSpec) -> RunReport:
         report.final_accuracy = summary.get("final_accuracy")
         report.best_accuracy = summary.get("best_accuracy")
         report.best_round = summary.get("best_round")
+        report.last5_accuracy = _mean([r["accuracy"] for r in rows[-LAST:]])
+        recalibrated = [r["accuracy_recalibrated"] for r in rows if RECAL in r]
+        if len(recalibrated) == len(rows):
+            report.final_recalibrated = recalibrated[-1]
+            report.best_recalibrated = max(recalibrated)
         report.round_seconds = _mean([r["round_seconds"] for r in rows])
         report.cpu_seconds = cpu_seconds(rows)
         report.bytes_down_per_client = per_client_bytes(rows, "bytes_down")
@@ -323,6 +336,9 @@ def build_report(out: Path, preset: Preset, specs: list[RunSpec]) -> dict[str, A
                 "seeds_total": len(own),
                 "final_accuracy": stats([r.final_accuracy for r in done]),
                 "best_accuracy": stats([r.best_accuracy for r in done]),
+                "last5_accuracy": stats([r.last5_accuracy for r in done]),
+                "final_recalibrated": stats([r.final_recalibrated for r in done]),
+                "best_recalibrated": stats([r.best_recalibrated for r in done]),
                 "round_seconds": stats([r.round_seconds for r in done]),
                 "cpu_seconds": stats([r.cpu_seconds for r in done]),
                 "bytes_down_per_client_round": stats(
@@ -359,6 +375,14 @@ def format_accuracy(stat: dict[str, Any] | None) -> str:
     return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
 
 
+def format_recalibrated(strategy: dict[str, Any]) -> str:
+    """``final / best`` evaluated with recomputed BatchNorm statistics, or ``–``."""
+    final, best = strategy["final_recalibrated"], strategy["best_recalibrated"]
+    if final is None:
+        return "–"
+    return f"{format_accuracy(final)} / {format_accuracy(best)}"
+
+
 def _mean_of(stat: dict[str, Any] | None) -> float | None:
     return None if stat is None else stat["mean"]
 
@@ -387,7 +411,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Accuracy: total correct / total test samples over all clients, in %, "
-        "mean ± std (population) over the seeds that finished; s / round: mean "
+        "mean ± std (population) over the seeds that finished: at the last round "
+        "(final), the best round (the paper's reading), and the mean of the last "
+        f'{LAST} evaluations; with `bn-eval = "both"` also final / best with '
+        "BatchNorm statistics recomputed for the evaluated weights (what a "
+        "deployed generated model scores; `–` without); s / round: mean "
         "`round_seconds` (wall clock: it grows with whatever else the machine "
         "ran); CPU s / round: mean CPU seconds of the clients plus the server "
         "process per round (other jobs on the machine do not inflate it, but "
@@ -396,10 +424,11 @@ def markdown(report: dict[str, Any]) -> str:
         + report["written"]
         + ".",
         "",
-        "| strategy | final acc (%) | best acc (%) | s / round | CPU s / round "
+        "| strategy | final acc (%) | best acc (%) | last-5 mean (%) "
+        "| final / best, BN recalibrated (%) | s / round | CPU s / round "
         "| MB down / client / round | MB up / client / round | seeds finished "
         "| notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
         notes = "; ".join(
@@ -408,6 +437,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {s['strategy']} | {format_accuracy(s['final_accuracy'])} | "
             f"{format_accuracy(s['best_accuracy'])} | "
+            f"{format_accuracy(s['last5_accuracy'])} | "
+            f"{format_recalibrated(s)} | "
             f"{_num(_mean_of(s['round_seconds']))} | "
             f"{_num(_mean_of(s['cpu_seconds']), digits=1)} | "
             f"{_num(_mean_of(s['bytes_down_per_client_round']), 1e6, 3)} | "

@@ -37,6 +37,7 @@ from ..training import (
     TrainStats,
     cross_entropy_loss,
     evaluate_local,
+    has_batchnorm,
     recalibrate_batchnorm,
     train_local,
 )
@@ -140,28 +141,44 @@ class ClientTrainer(ABC):
         With run-config ``bn-eval = "recalibrate"`` the BatchNorm statistics are
         first recomputed for the evaluated weights on the train split
         (:func:`~client_app.training.recalibrate_batchnorm`, counted in these
-        seconds) and the stored ones put back afterwards.
+        seconds) and the stored ones put back afterwards; with ``both`` (and a
+        model with BatchNorm) that reading is added as ``correct-recalibrated``.
         """
         self.load_received(content)
         model = self.client.model
         x, y = self.client.test_tensors()
+        logits_fn = self.logits_fn(content)
         start, cpu = time.perf_counter(), time.process_time()
-        stored = None
-        if self.client.cfg.bn_eval == "recalibrate":
-            stored = buffer_state(model)
-            recalibrate_batchnorm(model, self.client.train_tensors()[0])
-        loss, correct, n = evaluate_local(
-            model, x, y, logits_fn=self.logits_fn(content)
-        )
-        if stored:  # evaluation never changes what training continues from
-            load_buffer_state_(model, stored)
+        mode = self.client.cfg.bn_eval
+        if mode == "recalibrate":
+            loss, correct, n = self.evaluate_recalibrated(model, x, y, logits_fn)
+        else:
+            loss, correct, n = evaluate_local(model, x, y, logits_fn=logits_fn)
+        extra = {}
+        if mode == "both" and has_batchnorm(model):
+            _, extra[P.CORRECT_RECALIBRATED], _ = self.evaluate_recalibrated(
+                model, x, y, logits_fn
+            )
         return {
             P.NUM_EXAMPLES: n,
             P.CORRECT: correct,
             P.LOSS: loss,
             P.SECONDS: time.perf_counter() - start,
             P.CPU_SECONDS: time.process_time() - cpu,
+            **extra,
         }
+
+    def evaluate_recalibrated(self, model, x, y, logits_fn):
+        """:func:`evaluate_local` with BatchNorm statistics recomputed for the
+        evaluated weights; the stored ones are put back afterwards (evaluation
+        never changes what training continues from)."""
+        stored = buffer_state(model)
+        recalibrate_batchnorm(model, self.client.train_tensors()[0])
+        try:
+            return evaluate_local(model, x, y, logits_fn=logits_fn)
+        finally:
+            if stored:
+                load_buffer_state_(model, stored)
 
     def evaluate(self, content: RecordDict, server_round: int) -> RecordDict:
         """Reply to an EVALUATE message."""

@@ -366,6 +366,13 @@ class HeteroStrategy(Strategy):
                 return f"metric '{key}' is missing or not a number ({value!r})"
             if not np.isfinite(value) or value < 0:
                 return f"metric '{key}' = {value} must be finite and >= 0"
+        if kind != "train" and P.CORRECT_RECALIBRATED in metrics:
+            value = metrics[P.CORRECT_RECALIBRATED]
+            n = metrics[P.NUM_EXAMPLES]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"metric '{P.CORRECT_RECALIBRATED}' is not a number"
+            if not 0 <= value <= n:
+                return f"metric '{P.CORRECT_RECALIBRATED}' = {value} not in [0, {n}]"
         return None
 
     def _valid_replies(
@@ -752,18 +759,26 @@ def _seconds(metrics: MetricRecord | None, key: str = P.SECONDS) -> float:
 def summarise_evaluation(
     replies: list[tuple[ClientInfo, MetricRecord]],
 ) -> dict[str, Any] | None:
-    """Accuracy as total correct / total examples, plus the per-client view."""
+    """Accuracy as total correct / total examples, plus the per-client view; with
+    ``bn-eval = "both"`` also ``accuracy_recalibrated``."""
     if not replies:
         return None
     per_client, correct, total, loss_sum = {}, 0, 0, 0.0
+    recalibrated, any_recalibrated = 0, False
     for client, m in replies:
         n, c = int(m[P.NUM_EXAMPLES]), int(m[P.CORRECT])
         per_client[client.name] = c / n if n else 0.0
         correct, total, loss_sum = correct + c, total + n, loss_sum + m[P.LOSS] * n
-    return {
+        # A model without BatchNorm reads the same either way.
+        any_recalibrated |= P.CORRECT_RECALIBRATED in m
+        recalibrated += int(m.get(P.CORRECT_RECALIBRATED, c))
+    summary = {
         "accuracy": correct / total if total else 0.0,
         "accuracy_mean": float(np.mean(list(per_client.values()))),
         "loss": loss_sum / total if total else float("nan"),
         "client_accuracy": dict(sorted(per_client.items())),
         "eval_clients": len(replies),
     }
+    if any_recalibrated:
+        summary["accuracy_recalibrated"] = recalibrated / total if total else 0.0
+    return summary
