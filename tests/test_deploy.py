@@ -5,7 +5,7 @@ The deployment itself (real SuperLink, SuperNodes and ``flwr run``) is
 ``make test``. These checks take seconds: the credentials ``make_certs.sh`` writes
 work for TLS and for Flower's key loaders; the Compose files parse, reference what
 exists and pass Flower 1.41's own argument parsers; the Dockerfile installs like
-the Makefile; and every Flower command of docs/deployment.md parses and is the
+the Makefile; and every Flower command of docs/guides/deploying.md parses and is the
 one the deploy test runs. No Docker engine is needed (nor available here).
 """
 
@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
-GUIDE = ROOT / "docs" / "deployment.md"
+GUIDE = ROOT / "docs" / "guides" / "deploying.md"
 DEPLOY_TEST = ROOT / "scripts" / "deploy_test.py"
 MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
 FLWR_VERSION = flwr.__version__
