@@ -8,8 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 # Where datasets are looked for (the CIFAR-10 copy in ../shared/data when present).
 DATA_DIR ?= $(if $(wildcard ../shared/data/cifar10-jpg.tar.gz),$(abspath ../shared/data),$(HOME)/.cache/mh-pfedhn/data)
 RESULTS_DIR ?= $(CURDIR)/results
-# Extra run-config overrides, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'".
-# Exported and passed as its own --run-config ("$$RUN_CONFIG"), so string values keep
+# A run-config file of conf/ (the paper's settings), e.g. SETTING=conf/cifar10-pathological-cnn.toml
+SETTING ?=
+# Simulated clients (num-supernodes); empty: the value in FEDERATION_CONFIG (10).
+CLIENTS ?=
+# Extra run-config overrides, over SETTING, e.g. RUN_CONFIG="num-server-rounds=5 hn-update='mean'".
+# Exported and passed as its own argument ("$$RUN_CONFIG"), so string values keep
 # whichever quotes they were written with ('mean' or "mean").
 RUN_CONFIG ?=
 export RUN_CONFIG
@@ -28,6 +32,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@echo "Installing into $(VENV) (pinned versions of constraints.txt; the first time takes a few minutes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first: the pinned 2.13.0 CPU build; any other torch pulls CUDA wheels.
@@ -35,16 +40,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# The local SuperLink that `flwr run` starts stays up after the run; it is started
-# from a neutral folder so that ClientApps never import code from this checkout's
-# working directory instead of the submitted app.
+# tools/run.py checks the whole configuration (pyproject defaults + SETTING + DATA_DIR /
+# RESULTS_DIR + RUN_CONFIG) and the data first: a problem is one message and exit 2,
+# before Flower or Ray starts. Then `flwr run` on a private SuperLink (own FLWR_HOME,
+# free port) that is stopped with its Ray workers at the end or on Ctrl-C. A failed run
+# (also a failed ServerApp, for which `flwr run` itself exits 0) fails the target.
+# tools.run exits 2 (bad config or data), 1 (failed run) or 130 (Ctrl-C); make reports
+# any of them as an error. Relative paths are taken from this folder.
 run: install
-	mkdir -p $(RESULTS_DIR)
-	cd $(VENV) && PATH="$(abspath $(BIN)):$$PATH" flwr run $(CURDIR) \
-		--federation-config $(FEDERATION_CONFIG) \
-		--run-config 'data-dir="$(DATA_DIR)" results-dir="$(RESULTS_DIR)"' \
-		--run-config "$$RUN_CONFIG" \
-		--stream
+	$(BIN)/python -m tools.run --setting "$(SETTING)" --clients "$(CLIENTS)" \
+		--data-dir "$(DATA_DIR)" --results-dir "$(RESULTS_DIR)" \
+		--federation-config "$(FEDERATION_CONFIG)" --run-config "$$RUN_CONFIG"
 
 # Every strategy x seed of PRESET through `flwr run` on a private SuperLink (stopped
 # afterwards), then comparison.md / .json / .png in COMPARE_OUT. Finished runs are skipped,
@@ -64,7 +70,7 @@ format: install
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# A real deployment on loopback (docs/deployment.md): SuperLink with TLS and
+# A real deployment on loopback (docs/guides/deploying.md): SuperLink with TLS and
 # SuperNode authentication, two SuperNodes, `flwr run` (2 rounds), a refused
 # unregistered SuperNode, SuperNode restarts (state-dir), and the simulation's
 # seconds per round for comparison. Options, e.g. DEPLOY_TEST_ARGS="--workdir /tmp/dt".

@@ -85,6 +85,12 @@ def cpu_seconds(stat: str, tick: float | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / tick
 
 
+def process_state(stat: str) -> str:
+    """The state letter of a ``/proc/<pid>/stat`` line (``R`` running or waiting
+    for a core, ``S`` sleeping, ...)."""
+    return stat[stat.rfind(")") + 2 :].split(maxsplit=1)[0]
+
+
 def machine_busy_seconds(proc: Path = PROC) -> tuple[float, float]:
     """``(busy, total)`` CPU seconds of the whole machine since boot (all cores):
     the ``cpu`` line of ``/proc/stat``; busy excludes ``idle`` and ``iowait``
@@ -107,7 +113,8 @@ def read_process(
     try:
         status = (base / "status").read_text()
         cmdline = (base / "cmdline").read_bytes()
-        cpu = cpu_seconds((base / "stat").read_text())
+        stat = (base / "stat").read_text()
+        cpu, state = cpu_seconds(stat), process_state(stat)
     except (OSError, IndexError, ValueError):
         return None
     fields = _kb_fields(status, ("VmRSS", "VmHWM"))
@@ -130,6 +137,7 @@ def read_process(
         "hwm_kb": fields.get("VmHWM", fields["VmRSS"]),
         "pss_kb": fields["VmRSS"] if shared is None else shared,
         "cpu_s": cpu,
+        "state": state,
     }
 
 
@@ -273,6 +281,39 @@ def cpu_between(
         kind = last_kind[pid]
         kinds[kind] = kinds.get(kind, 0.0) + cpu - before.get(pid, 0.0)
     return dict(sorted(kinds.items()))
+
+
+def idle_between(
+    samples: list[list[dict[str, Any]]],
+    times: list[float],
+    start: float,
+    end: float,
+    kind: str,
+) -> dict[str, float]:
+    """Seconds the processes of ``kind`` slept between Unix times ``start`` and
+    ``end``: each interval between consecutive readings in the window counts as
+    sleeping for a process whose main thread was sleeping (state ``S``) at the
+    interval's first reading. For a ClientApp actor that is waiting for its next
+    message (idle worker); a process that waits for a core is runnable (``R``)
+    and counts as busy, so other jobs do not inflate it. Returns ``idle_s``,
+    ``seen_s`` (the seconds of readings of such processes) and ``processes``.
+    """
+    last_kind = {p["pid"]: p["kind"] for reading in samples for p in reading}
+    idle = seen = 0.0
+    pids: set[int] = set()
+    for (when, reading), following in zip(
+        zip(times, samples, strict=True), times[1:], strict=False
+    ):
+        if when < start or following > end:
+            continue
+        for p in reading:
+            if last_kind[p["pid"]] != kind:
+                continue
+            pids.add(p["pid"])
+            seen += following - when
+            if p.get("state") == "S":
+                idle += following - when
+    return {"idle_s": idle, "seen_s": seen, "processes": len(pids)}
 
 
 def peak_rss_mb(

@@ -16,25 +16,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-#: Class counts of the built-in datasets, so that ``classes-per-client`` can be
-#: checked on the server before any data is loaded. ``imagefolder`` discovers its
-#: class count from the folder and is checked by the clients.
-KNOWN_CLASS_COUNTS = {
-    "cifar10": 10,
-    "cifar100": 100,
-    "tiny-imagenet": 200,
-    "emnist": 62,
-    "mnist": 10,
-    "fashion-mnist": 10,
-}
-DATASETS = (
-    "cifar10",
-    "cifar100",
-    "imagefolder",
-    "tiny-imagenet",
-    "emnist",
-    "mnist",
-    "fashion-mnist",
+from common.datasets import (
+    DATASETS,
+    DEFAULT_EMNIST_SPLIT,
+    EMNIST_SPLITS,
+    dataset_info,
 )
 
 
@@ -66,8 +52,10 @@ class RunConfig(BaseModel):
     seed: int = Field(42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Data
+    # Data (``dataset``: a name of :data:`common.datasets.DATASETS`, the registry)
     dataset: str = "cifar10"
+    #: The EMNIST split (:data:`common.datasets.EMNIST_SPLITS`); ``emnist`` only.
+    emnist_split: str = DEFAULT_EMNIST_SPLIT
     data_dir: str = "~/.cache/mh-pfedhn/data"
     download: bool = True
     partition: Literal["pathological", "dirichlet"] = "pathological"
@@ -147,6 +135,9 @@ class RunConfig(BaseModel):
     results_dir: str = "~/mh-pfedhn-results"
     run_name: str = ""
     checkpoint_every: int = Field(10, ge=0)
+    #: Keep the optimizer's moments in checkpoints (twice the hypernetwork's size):
+    #: needed for a resume that equals an uninterrupted run.
+    checkpoint_optimizer: bool = True
     resume_from: str = ""
     max_delta_norm: float = Field(0.0, ge=0.0)
     min_train_clients: int = Field(1, ge=1)
@@ -156,6 +147,15 @@ class RunConfig(BaseModel):
     def _known_dataset(cls, value: str) -> str:
         if value not in DATASETS:
             raise ValueError(f"unknown dataset; allowed: {', '.join(DATASETS)}")
+        return value
+
+    @field_validator("emnist_split")
+    @classmethod
+    def _known_emnist_split(cls, value: str) -> str:
+        if value not in EMNIST_SPLITS:
+            raise ValueError(
+                f"unknown EMNIST split; allowed: {', '.join(EMNIST_SPLITS)}"
+            )
         return value
 
     @field_validator("models")
@@ -244,17 +244,27 @@ def _check_combinations(cfg: RunConfig) -> None:
             "of draws exists for the per-position heads of "
             f"{', '.join(MH_STRATEGIES)} only; use 'streams'"
         )
+    if cfg.num_server_rounds == 0 and cfg.novel_rounds == 0:
+        raise ConfigError(
+            "run-config key 'num-server-rounds' = 0 is not allowed with novel-rounds "
+            "= 0: the run would do nothing; use at least 1 (0 rounds only fit the "
+            "novel clients of a trained hypernetwork: set novel-rounds, "
+            "train-clients and hypernet-from)"
+        )
     if cfg.fedkd_energy_start > cfg.fedkd_energy_end:
         raise ConfigError(
             f"run-config key 'fedkd-energy-start' = {cfg.fedkd_energy_start} is not "
             f"allowed: it must not exceed fedkd-energy-end = {cfg.fedkd_energy_end}"
         )
-    classes = KNOWN_CLASS_COUNTS.get(cfg.dataset)
-    if (
-        cfg.partition == "pathological"
-        and classes is not None
-        and cfg.classes_per_client > classes
-    ):
+    if cfg.emnist_split != DEFAULT_EMNIST_SPLIT and cfg.dataset != "emnist":
+        raise ConfigError(
+            f"run-config key 'emnist-split' = {cfg.emnist_split!r} is not allowed with "
+            f"dataset '{cfg.dataset}': it selects the split of 'emnist' only; leave "
+            f"it at '{DEFAULT_EMNIST_SPLIT}'"
+        )
+    # imagefolder finds its class count in the data: the clients check it.
+    classes = dataset_info(cfg.dataset, emnist_split=cfg.emnist_split).num_classes
+    if cfg.partition == "pathological" and 0 < classes < cfg.classes_per_client:
         raise ConfigError(
             f"run-config key 'classes-per-client' = {cfg.classes_per_client} is not "
             f"allowed: dataset '{cfg.dataset}' has {classes} classes, so it must be "

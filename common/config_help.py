@@ -172,6 +172,12 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "training rounds and after the last (0 = never); atomic, the previous "
         "one stays until the new one is complete"
     ),
+    "checkpoint-optimizer": (
+        "keep the hypernetwork optimizer's state (Adam's moments, twice the "
+        "hypernetwork's size) in checkpoints; `false` makes them a third of the "
+        "size, and a resumed run restarts Adam from zero moments, so it no "
+        "longer equals an uninterrupted one"
+    ),
     "resume-from": (
         "a run directory or checkpoint file: continue that run in its directory "
         "from the round after the checkpoint"

@@ -3,7 +3,8 @@
 :func:`load_client_data` follows PAPER.md "Data and evaluation":
 
 1. ``images, labels = load_train_arrays(dataset, data_dir)`` — the official train
-   split, images memory-mapped from the decoded cache (nothing is read yet);
+   split (EMNIST: of the run config's ``emnist-split``), images memory-mapped from
+   the decoded cache (nothing is read yet);
 2. the partition of all clients is computed from the labels alone
    (:func:`common.partition.partition_indices`, deterministic for the seed), and
    only this client's rows are read from the memory map (one sorted fancy index);
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from common.datasets import DatasetInfo, load_train_arrays
+from common.datasets import DEFAULT_EMNIST_SPLIT, DatasetInfo, load_train_arrays
 from common.partition import DIRICHLET_MIN_SIZE, partition_indices, split_train_test
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class _Setup:
     The parameter of the scheme not in use is None so that it cannot split a cache."""
 
     dataset: str
+    emnist_split: str | None
     data_dir: str
     download: bool
     num_partitions: int
@@ -106,14 +108,25 @@ class _Setup:
 
 @functools.lru_cache(maxsize=4)
 def _train_arrays(
-    dataset: str, data_dir: str, download: bool
+    dataset: str, emnist_split: str | None, data_dir: str, download: bool
 ) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
-    return load_train_arrays(dataset, data_dir, download=download)
+    return load_train_arrays(
+        dataset,
+        data_dir,
+        download=download,
+        emnist_split=emnist_split or DEFAULT_EMNIST_SPLIT,
+    )
+
+
+def _setup_arrays(setup: _Setup) -> tuple[np.ndarray, np.ndarray, DatasetInfo]:
+    return _train_arrays(
+        setup.dataset, setup.emnist_split, setup.data_dir, setup.download
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _partition(setup: _Setup) -> tuple[np.ndarray, ...]:
-    labels = _train_arrays(setup.dataset, setup.data_dir, setup.download)[1]
+    labels = _setup_arrays(setup)[1]
     parts = partition_indices(
         labels,
         setup.num_partitions,
@@ -128,7 +141,7 @@ def _partition(setup: _Setup) -> tuple[np.ndarray, ...]:
 
 @functools.cache
 def _client_data(setup: _Setup, partition_id: int) -> ClientData:
-    images, labels, info = _train_arrays(setup.dataset, setup.data_dir, setup.download)
+    images, labels, info = _setup_arrays(setup)
     rows = _partition(setup)[partition_id]
     pixels = np.asarray(images[rows])  # reads only this client's rows of the memmap
     targets = labels[rows]
@@ -156,12 +169,14 @@ def load_client_data(
     seed: int,
     download: bool = True,
     dirichlet_min_size: int = DIRICHLET_MIN_SIZE,
+    emnist_split: str = DEFAULT_EMNIST_SPLIT,
 ) -> ClientData:
     """Client ``partition_id``'s local train/test data (see the module docstring).
 
     ``partition`` is ``"pathological"`` (uses ``classes_per_client``) or
     ``"dirichlet"`` (uses ``dirichlet_alpha`` and ``dirichlet_min_size``, the
-    smallest client share accepted, 31 in the paper). Raises ``ValueError`` for a
+    smallest client share accepted, 31 in the paper); ``emnist_split`` is used by
+    ``emnist`` only. Raises ``ValueError`` for a
     ``partition_id`` outside ``[0, num_partitions)`` or an unknown scheme, and
     :class:`common.datasets.DatasetNotFoundError` when the data cannot be found.
     """
@@ -173,6 +188,7 @@ def load_client_data(
     pathological = partition == "pathological"
     setup = _Setup(
         dataset=dataset,
+        emnist_split=emnist_split if dataset == "emnist" else None,
         data_dir=str(Path(data_dir).expanduser().resolve()),
         download=bool(download),
         num_partitions=int(num_partitions),
@@ -204,6 +220,7 @@ def client_data_for(
         seed=cfg.seed,
         download=cfg.download,
         dirichlet_min_size=cfg.dirichlet_min_size,
+        emnist_split=cfg.emnist_split,
     )
 
 

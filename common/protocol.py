@@ -9,7 +9,10 @@ Handshake (QUERY)
     Nothing about layer names, shapes or the model family is sent.
 Train
     server -> client: ``arrays`` ArrayRecord with :data:`THETA` (flat float32), and
-    ``config`` with :data:`ROUND` plus the local hyperparameters.
+    ``config`` with :data:`ROUND` and, when the client is to evaluate the received
+    model before training it, :data:`EVALUATE_FIRST`. No hyperparameters are sent:
+    every client reads them (learning rate, epochs, batch size, ...) from the run
+    config, which Flower gives every node.
     client -> server: ``arrays`` with :data:`DELTA` (``theta_sent - theta_trained``),
     ``info`` with the client name, ``metrics`` with :data:`NUM_EXAMPLES`,
     :data:`LOSS` and :data:`SECONDS` (wall-clock of the training loop), and

@@ -58,10 +58,7 @@ BIN = Path(sys.executable).parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-try:  # the simulation SuperLink helper (moved from tests/ to tools/)
-    from tools.superlink import SimulationSuperLink, as_overrides, free_port
-except ImportError:  # pragma: no cover - older checkouts
-    from tests.flower_harness import SimulationSuperLink, as_overrides, free_port
+from tools.superlink import SimulationSuperLink, as_overrides, free_port  # noqa: E402
 
 CONNECTION = "deploy"
 #: Trainable parameters of the zoo models on 32x32 RGB images with 10 classes.

@@ -39,6 +39,7 @@ def main(grid: Grid, context: Context) -> None:
             path.parent, cfg, checkpoint["metrics"], checkpoint["round"]
         )
     log(INFO, "Results directory: %s", results.path)
+    log(INFO, "Live curves: tensorboard --logdir %s", results.path.parent)
     try:
         strategy.start(grid, results, checkpoint)
     except HandshakeError as err:
@@ -47,4 +48,5 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         summary = results.finish()
         log(INFO, "Summary: %s", summary)
+        log(INFO, "Disk use: %s", results.describe_disk_usage())
         log(INFO, "Results written to %s", results.path)

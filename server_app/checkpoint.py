@@ -19,7 +19,10 @@
 ``state``
     :meth:`HeteroStrategy.state_dict`: random generators, and every attribute the
     strategy lists in ``checkpoint_attributes`` (hypernetwork, optimizer,
-    prototypes, ...).
+    prototypes, ...). Modules are saved by ``state_dict`` (keyed by parameter
+    name); an optimizer by the names of its parameters in the module that owns
+    them (:func:`pack_optimizer`), never by position: a resumed run registers its
+    clients in name order, the original run in order of arrival.
 
 A write goes to ``checkpoint.pt.tmp``, is flushed to disk, and then renamed over
 the old file: the previous checkpoint stays complete until the new one is.
@@ -38,13 +41,15 @@ from torch import nn
 from common.config import ConfigError, RunConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT = 1
+#: Layout version: 2 keys optimizer state by parameter name (:func:`pack_optimizer`).
+FORMAT = 2
 
 #: Run-config keys a resumed run may change; every other key must match.
 MAY_DIFFER = frozenset(
     {
         "num-server-rounds",
         "checkpoint-every",
+        "checkpoint-optimizer",
         "resume-from",
         "round-timeout",
         "results-dir",
@@ -109,7 +114,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None
         raise CheckpointError(
-            f"checkpoint {path} has format {found!r}; this version reads {FORMAT}"
+            f"checkpoint {path} has format {found!r}; this version reads only format "
+            f"{FORMAT} (format 1 stored optimizer state by position, which cannot be "
+            "mapped back to parameters safely); start the run afresh"
         )
     return payload
 
@@ -142,8 +149,17 @@ def check_compatible(payload: dict[str, Any], cfg: RunConfig, path: Path) -> Non
 
 # -- strategy attributes <-> checkpoint values --------------------------------------
 def pack(value: Any) -> Any:
-    """A checkpoint-safe form of a strategy attribute (tensors and plain values)."""
-    if isinstance(value, nn.Module | torch.optim.Optimizer):
+    """A checkpoint-safe form of a strategy attribute (tensors and plain values).
+
+    An optimizer is refused: its ``state_dict`` is positional, so it is saved by
+    parameter name with :func:`pack_optimizer` instead.
+    """
+    if isinstance(value, torch.optim.Optimizer):
+        raise TypeError(
+            "an optimizer is checkpointed by parameter name (pack_optimizer): list "
+            "it in the strategy's optimizer_modules"
+        )
+    if isinstance(value, nn.Module):
         return {"__state_dict__": value.state_dict()}
     if isinstance(value, torch.Generator):
         return {"__generator__": value.get_state()}
@@ -157,12 +173,12 @@ def pack(value: Any) -> Any:
 
 
 def holds_state_dict(saved: Any) -> bool:
-    """Whether ``saved`` is a packed module or optimizer (needs an object)."""
+    """Whether ``saved`` is a packed module (needs an object)."""
     return isinstance(saved, dict) and set(saved) == {"__state_dict__"}
 
 
 def unpack(saved: Any, current: Any) -> Any:
-    """The attribute value for ``saved``; modules and optimizers load in place."""
+    """The attribute value for ``saved``; modules load in place."""
     if isinstance(saved, dict) and len(saved) == 1:
         ((tag, inner),) = saved.items()
         if tag == "__state_dict__":
@@ -183,3 +199,110 @@ def unpack(saved: Any, current: Any) -> Any:
         if tag == "__list__":
             return [unpack(v, None) for v in inner]
     return saved
+
+
+# -- optimizers, by parameter name ----------------------------------------------------
+def _parameter_names(optimizer: torch.optim.Optimizer, module: nn.Module) -> list[str]:
+    """The names in ``module`` of the optimizer's parameters, in its order."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    unknown = sum(id(p) not in names for p in flat)
+    if unknown:
+        raise ValueError(f"{unknown} optimizer parameters are not in the module")
+    return [names[id(p)] for p in flat]
+
+
+def pack_optimizer(
+    optimizer: torch.optim.Optimizer | None, module: nn.Module
+) -> dict[str, Any] | None:
+    """``optimizer``'s state keyed by the names of its parameters in ``module``.
+
+    ``{"__optimizer__": {"state": {name: per-parameter state}, "groups": [group
+    settings with "params": [names]]}}``: torch's own ``state_dict`` with every
+    position replaced by the parameter's name (``embeddings.client-1``,
+    ``heads.4.weight``, ...), so it loads onto the right parameters whatever
+    order they were registered in.
+    """
+    if optimizer is None:
+        return None
+    names = _parameter_names(optimizer, module)
+    saved = optimizer.state_dict()
+    return {
+        "__optimizer__": {
+            "state": {names[i]: state for i, state in saved["state"].items()},
+            "groups": [
+                group | {"params": [names[i] for i in group["params"]]}
+                for group in saved["param_groups"]
+            ],
+        }
+    }
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer | None, module: nn.Module, saved: Any
+) -> None:
+    """Load :func:`pack_optimizer`'s ``saved`` into ``optimizer``, by name.
+
+    The parameters must be the same names with the same shapes on both sides;
+    otherwise :class:`CheckpointError` names each that differs. A parameter's
+    group settings (``lr``, ``betas``, ...) are those of its saved group.
+    """
+    if saved is None or optimizer is None:
+        if saved is not optimizer:
+            raise CheckpointError(
+                "checkpoint optimizer state does not match this run: "
+                f"{'none saved' if saved is None else 'saved, but no optimizer here'}"
+            )
+        return
+    if not isinstance(saved, dict) or set(saved) != {"__optimizer__"}:
+        raise CheckpointError(
+            "checkpoint optimizer state is not keyed by parameter name"
+        )
+    saved = saved["__optimizer__"]
+    names = _parameter_names(optimizer, module)
+    params = dict(module.named_parameters())
+    settings = {
+        n: {k: v for k, v in group.items() if k != "params"}
+        for group in saved["groups"]
+        for n in group["params"]
+    }
+    index = {n: i for i, n in enumerate(names)}
+    problems = []
+    if missing := [n for n in names if n not in settings]:
+        problems.append(f"not in the checkpoint: {', '.join(missing)}")
+    known = settings.keys() | saved["state"].keys()
+    if extra := sorted(n for n in known if n not in index):
+        problems.append(f"only in the checkpoint: {', '.join(extra)}")
+    for name, state in saved["state"].items():
+        shapes = {
+            tuple(v.shape) for v in state.values() if torch.is_tensor(v) and v.dim()
+        }
+        if name in index and shapes - {tuple(params[name].shape)}:
+            problems.append(
+                f"{name} has shape {tuple(params[name].shape)}, its saved state "
+                f"{', '.join(map(str, sorted(shapes)))}"
+            )
+    if problems:
+        raise CheckpointError(
+            "checkpoint optimizer state does not match this run's parameters ("
+            + "; ".join(problems)
+            + ")"
+        )
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        members = names[start : start + len(group["params"])]
+        start += len(members)
+        own = {k: v for k, v in group.items() if k != "params"}
+        options = settings[members[0]] if members else own
+        if any(settings[n] != options for n in members):
+            raise CheckpointError(
+                "checkpoint optimizer state gives parameters of one group different "
+                f"settings: {', '.join(members)}"
+            )
+        groups.append(options | {"params": [index[n] for n in members]})
+    optimizer.load_state_dict(
+        {
+            "state": {index[n]: state for n, state in saved["state"].items()},
+            "param_groups": groups,
+        }
+    )

@@ -17,8 +17,7 @@ from server_app.strategies.aggregate import class_mean, weighted_mean
 from server_app.strategies.averaging import SharedVectorMismatch
 from server_app.strategies.fedavg import FedAvg
 from server_app.strategies.lg_fedavg import LGFedAvg
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -106,30 +105,96 @@ def test_local_learns_and_keeps_each_model(folder, tmp_path):
     assert all(r["bytes_down"] == 0 for r in rows)
 
 
+def train_messages(messages, server_round: int, node: str = "dst_node_id") -> dict:
+    """The TRAIN messages of one round by destination node (replies: ``node =
+    "src_node_id"``, by the node that answered)."""
+    return {
+        getattr(m.metadata, node): m
+        for m in messages
+        if m.metadata.message_type == "train"
+        and m.metadata.group_id == str(server_round)
+    }
+
+
+def replies_of(grid, server_round: int) -> dict:
+    return train_messages(grid.answered, server_round, node="src_node_id")
+
+
+def arrays_of(message) -> dict[str, np.ndarray]:
+    records = message.content.array_records
+    return {k: v.numpy() for k, v in records["arrays"].items()} if records else {}
+
+
+def by_examples(replies: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The example-weighted and the plain mean of the replies' ``key`` arrays, in
+    float64, computed here independently of the strategy."""
+    vectors = np.stack([arrays_of(m)[key].astype(np.float64) for m in replies.values()])
+    n = np.array([m.content["metrics"][P.NUM_EXAMPLES] for m in replies.values()])
+    assert len(set(n.tolist())) > 1, "equal example counts would not test weights"
+    return (n[:, None] * vectors).sum(0) / n.sum(), vectors.mean(0)
+
+
 def test_fedavg_global_model_is_the_weighted_mean(folder, tmp_path):
+    """Each round: w <- w - sum_i n_i d_i / sum_i n_i, with n_i the examples client
+    i trained on (its reply's num-examples), not the plain mean."""
     config = base_config(folder, tmp_path, strategy="fedavg", models="cnn")
     config["num-server-rounds"] = 2
     strategy, grid, _, rows = run(config | {"run-name": "avg"}, 3)
     assert strategy.vector is not None and len(strategy.vector) == 234006 - 650 + 390
-    # Every client got the same vector in a round.
-    train = [m for m in grid.sent if m.metadata.message_type == "train"]
-    first = [m.content["arrays"]["theta"].numpy() for m in train[:3]]
-    assert all(np.array_equal(first[0], f) for f in first[1:])
+    after = {}
+    for server_round in (1, 2):
+        sent = train_messages(grid.sent, server_round)
+        replies = replies_of(grid, server_round)
+        assert len(sent) == len(replies) == 3
+        thetas = [arrays_of(m)["theta"] for m in sent.values()]
+        assert all(np.array_equal(thetas[0], t) for t in thetas[1:])  # one model
+        weighted, plain = by_examples(replies, "delta")
+        after[server_round] = thetas[0] - weighted
+        assert np.abs(weighted - plain).max() > 1e-4  # the weights matter here
+    round2 = arrays_of(next(iter(train_messages(grid.sent, 2).values())))["theta"]
+    np.testing.assert_allclose(round2, after[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(strategy.vector, after[2], rtol=0, atol=1e-6)
     assert rows[-1]["bytes_up"] > 0
 
 
 def test_lg_fedavg_shares_only_the_head(folder, tmp_path):
+    """Only the 390-value head (Linear(64, 6)) travels, both ways; the server's head
+    is the example-weighted mean of the uploaded heads; extractors stay private."""
     config = base_config(folder, tmp_path, strategy="lg-fedavg", models="cnn,resnet10")
     strategy, grid, _, rows = run(config | {"run-name": "lg"}, 4)
-    assert strategy.vector.shape == (64 * 6 + 6,)
-    train = [m for m in grid.sent if m.metadata.message_type == "train"]
-    later = [m for m in train if m.metadata.group_id == "3"]
-    assert all(m.content["arrays"]["head"].numpy().shape == (390,) for m in later)
-    # After evaluation every client's head is the global head.
-    for context in grid.contexts.values():
-        kept = context.state["model-params"]["theta"].numpy()
-        assert kept.size > 390
-    assert len(rows) == 3
+    head = 64 * 6 + 6
+    assert strategy.vector.shape == (head,) and len(rows) == 3
+    # Round 1: the server has no head yet and sends nothing.
+    assert all(not arrays_of(m) for m in train_messages(grid.sent, 1).values())
+    heads = {}
+    for server_round in (1, 2, 3):
+        replies = replies_of(grid, server_round)
+        assert len(replies) == 4
+        for reply in replies.values():
+            assert arrays_of(reply).keys() == {"head"}
+            assert arrays_of(reply)["head"].shape == (head,)
+        heads[server_round], plain = by_examples(replies, "head")
+        assert np.abs(heads[server_round] - plain).max() > 1e-6
+        if server_round > 1:  # sent: the mean of the previous round's heads
+            for message in train_messages(grid.sent, server_round).values():
+                assert arrays_of(message).keys() == {"head"}
+                np.testing.assert_allclose(
+                    arrays_of(message)["head"], heads[server_round - 1], atol=1e-6
+                )
+    np.testing.assert_allclose(strategy.vector, heads[3], rtol=0, atol=1e-6)
+    evaluate = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert evaluate and all(arrays_of(m).keys() == {"head"} for m in evaluate)
+    # Each client keeps its whole model: the uploaded head is the model's last
+    # layer, the rest (the extractor) never left the node and is not averaged.
+    kept = {
+        node: context.state["model-params"]["theta"].numpy()
+        for node, context in grid.contexts.items()
+    }
+    last = replies_of(grid, 3)
+    for node, theta in kept.items():
+        assert np.array_equal(theta[-head:], arrays_of(last[node])["head"])
+    cnn_a, cnn_b = (kept[node][:-head] for node in sorted(kept)[:2])
+    assert cnn_a.size == 234006 - 650 and not np.allclose(cnn_a, cnn_b)
 
 
 def test_lg_fedavg_refuses_heads_of_different_sizes(folder, tmp_path):

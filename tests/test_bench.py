@@ -20,10 +20,12 @@ from bench.simulation import (
     cpu_rows,
     cpu_seconds,
     cpu_share,
+    idle_between,
     machine_busy_seconds,
     mem_available_mb,
     peak_rss_mb,
     process_kind,
+    process_state,
     read_process,
     round_logged_at,
     sample,
@@ -174,6 +176,7 @@ def test_read_process_and_sample_from_a_fake_proc(tmp_path):
         "hwm_kb": 8192,
         "pss_kb": 3000,
         "cpu_s": 300 / tick,
+        "state": "S",
     }
     assert read_process(102, proc)["pss_kb"] == 2048  # no smaps_rollup: RSS
     assert read_process(101, proc, pss=False)["pss_kb"] == 4096  # not read: RSS
@@ -407,8 +410,7 @@ def test_growth():
     ],
 )
 def test_server_records_client_compute_per_round(tmp_path, update, messages):
-    from tests.test_e2e import write_learnable_imagefolder
-    from tests.test_strategy import base_config, run
+    from tests.helpers import base_config, run, write_learnable_imagefolder
 
     folder = write_learnable_imagefolder(tmp_path / "folder", 6, 24)
     config = base_config(folder, tmp_path, **update, **{"hidden-dim": 16})
@@ -425,3 +427,66 @@ def test_server_records_client_compute_per_round(tmp_path, update, messages):
         split = split_round(r, workers=1)
         assert split["client_sum_s"] > 0
     assert rows[0]["finished_at"] < rows[1]["finished_at"] < rows[2]["finished_at"]
+
+
+# -- bench.round's idle workers and references -----------------------------------------
+def test_process_state_and_idle_between():
+    assert process_state(fake_stat(5, 1)) == "S"
+    assert process_state("7 (ray::ClientAppActor) R 1 1 1") == "R"
+    actor = "ray ClientAppActor"
+
+    def reading(pid_states):
+        return [{"pid": pid, "kind": actor, "state": s} for pid, s in pid_states]
+
+    times = [10.0, 10.5, 11.0, 11.5, 12.0]
+    samples = [
+        reading([(1, "R"), (2, "S")]),
+        reading([(1, "R"), (2, "S")]),
+        reading([(1, "S"), (2, "R")]),  # waiting for a core counts as busy
+        reading([(1, "R"), (2, "R")]),
+        reading([(1, "R"), (2, "R")]),
+    ]
+    whole = idle_between(samples, times, 10.0, 12.0, actor)
+    assert whole == {"idle_s": 1.5, "seen_s": 4.0, "processes": 2}
+    # only the intervals inside the window count
+    assert idle_between(samples, times, 10.5, 11.5, actor)["idle_s"] == 1.0
+    assert idle_between(samples, times, 10.0, 12.0, "other")["seen_s"] == 0
+
+
+def test_model_flops_counts_the_cnn_by_hand():
+    from bench.sequential import model_flops
+
+    conv1, conv2 = 2 * 3 * 16 * 9 * 32 * 32, 2 * 16 * 32 * 9 * 16 * 16
+    linear = 2 * (2048 * 108 + 108 * 64 + 64 * 10)
+    forward = conv1 + conv2 + linear
+    flops = model_flops("cnn")
+    assert flops["eval"] == forward
+    # backward: weight gradients of every layer, input gradients of all but the
+    # first (the images need none)
+    assert flops["train"] == 3 * forward - conv1
+
+
+def test_sequential_loop_and_round_flops_on_a_small_federation(tmp_path):
+    from bench.sequential import conv_throughput, round_flops, sequential_loop
+    from tests.helpers import write_learnable_imagefolder
+
+    folder = write_learnable_imagefolder(tmp_path / "folder", 4, 24)
+    config = {
+        "dataset": "imagefolder",
+        "data-dir": str(folder),
+        "models": "cnn,vgg8",
+        "chunk-size": 1024,
+        "hidden-dim": 16,
+    }
+    loop = sequential_loop(config, clients=2, rounds=2)
+    assert [r["round"] for r in loop["rounds"]] == [1, 2]
+    assert set(loop["per_model"]) == {"cnn", "vgg8"}
+    for r in loop["rounds"]:
+        assert r["round_s"] >= r["train_s"] + r["eval_s"] > 0
+        assert 0 <= r["accuracy"] <= 1
+    flops = round_flops(config, clients=2)
+    assert set(flops["per_model"]) == {"cnn", "vgg8"}
+    assert flops["total"] == sum(
+        v["train"] + v["eval"] for v in flops["per_model"].values()
+    )
+    assert conv_throughput(["cnn"], seconds=0.01)["gflops"] > 0

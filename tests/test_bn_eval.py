@@ -10,8 +10,7 @@ from torch import nn
 from client_app.local import BUFFERS_KEY
 from client_app.training import recalibrate_batchnorm
 from common.config import ConfigError, load_run_config
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 def test_recalibrate_batchnorm_by_hand():

@@ -7,21 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import MessageType
 
 from common.config import load_run_config
 from server_app.checkpoint import (
     CHECKPOINT_FILE,
+    FORMAT,
     CheckpointError,
     check_compatible,
     checkpoint_path,
+    load_optimizer,
+    pack_optimizer,
     read_checkpoint,
     write_checkpoint,
 )
 from server_app.results import RunResults
 from server_app.strategies import STRATEGIES
+from tests.helpers import base_config, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config
 
 METRIC_KEYS = ("round", "phase", "accuracy", "loss", "client_accuracy", "train_loss")
 
@@ -142,9 +145,94 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(folder, tmp_path
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+class LateGrid(InProcessGrid):
+    """Node 1001 (``client-1``) connects once round 1's training has begun."""
+
+    def get_node_ids(self):
+        started = any(m.metadata.message_type == MessageType.TRAIN for m in self.sent)
+        return [n for n in self.contexts if started or n != 1001]
+
+
+def named_optimizer_state(strategy) -> dict[str, dict]:
+    names = {id(p): n for n, p in strategy.hn.named_parameters()}
+    return {names[id(p)]: s for p, s in strategy.optimizer.state.items()}
+
+
+def test_a_client_that_joined_mid_run_resumes_with_its_own_optimizer_state(
+    folder, tmp_path
+):
+    """``client-1`` joins before round 2, so its embedding is the optimizer's last
+    parameter; the resumed server registers clients by name (``client-1`` before
+    ``client-2``). Its Adam state must still be its own: the resumed run ends with
+    the uninterrupted run's optimizer state, name by name, and hypernetwork."""
+    config = base_config(folder, tmp_path, models="cnn")
+    config |= {"num-server-rounds": 3, "checkpoint-every": 2}
+    whole, _, _ = start(config | {"run-name": "whole"}, grid=LateGrid(config, 3))
+    assert list(whole.hn.embeddings) == ["client-0", "client-2", "client-1"]
+
+    cut = config | {"run-name": "cut"}
+    clients = LateGrid(cut, 3)
+    with pytest.raises(Crash):
+        start(cut, crash_at=3, grid=clients)
+    resumed, _, _ = start(config | {"resume-from": "cut"}, grid=clients)
+    assert list(resumed.hn.embeddings) == ["client-0", "client-1", "client-2"]
+
+    expected, got = named_optimizer_state(whole), named_optimizer_state(resumed)
+    assert got.keys() == expected.keys()
+    for name, state in expected.items():
+        assert state.keys() == got[name].keys(), name
+        for key, value in state.items():
+            assert torch.equal(got[name][key], value), f"{name} {key}"
+    whole_hn, resumed_hn = whole.hn.state_dict(), resumed.hn.state_dict()
+    assert whole_hn.keys() == resumed_hn.keys()
+    for key, value in whole_hn.items():
+        assert torch.equal(resumed_hn[key], value), key
+
+
+def test_optimizer_state_loads_by_name_and_refuses_other_parameters():
+    """Saved by name, the state lands on the same-named parameters whatever the
+    registration order; a changed chunk count is refused, naming the parameters."""
+    cfg = load_run_config({"chunk-size": 8, "embed-dim": 4, "hidden-dim": 4})
+    source = STRATEGIES["mh-pfedhn"](cfg)
+    for name, size in [("a", 20), ("c", 20), ("b", 30)]:
+        source.register(name, size)
+    for name in ("a", "c", "b"):
+        source.hn_step([(name, torch.randn(source.hn.num_params[name]), 1.0)])
+    saved = pack_optimizer(source.optimizer, source.hn)
+
+    target = STRATEGIES["mh-pfedhn"](cfg)
+    for name, size in [("a", 20), ("b", 30), ("c", 20)]:
+        target.register(name, size)
+    load_optimizer(target.optimizer, target.hn, saved)
+    assert named_optimizer_state(target).keys() == named_optimizer_state(source).keys()
+    for name, state in named_optimizer_state(source).items():
+        for key, value in state.items():
+            assert torch.equal(named_optimizer_state(target)[name][key], value)
+
+    other = STRATEGIES["mh-pfedhn"](cfg)
+    for name, size in [("a", 20), ("b", 40), ("c", 20)]:  # b: 5 chunks, not 4
+        other.register(name, size)
+    with pytest.raises(
+        CheckpointError, match=r"not in the checkpoint: heads\.5\."
+    ) as err:
+        load_optimizer(other.optimizer, other.hn, saved)
+    assert "only in the checkpoint: heads.4." in str(err.value)
+    assert "embeddings.b has shape (5, 4), its saved state (4, 4)" in str(err.value)
+    positional = {"__state_dict__": source.optimizer.state_dict()}
+    with pytest.raises(CheckpointError, match="not keyed by parameter name"):
+        load_optimizer(target.optimizer, target.hn, positional)
+
+
+def test_a_checkpoint_of_the_positional_format_is_refused(tmp_path):
     path = tmp_path / CHECKPOINT_FILE
     write_checkpoint(path, {"format": 1, "round": 1})
+    with pytest.raises(CheckpointError, match="format 1; this version reads only"):
+        read_checkpoint(path)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT_FILE
+    write_checkpoint(path, {"format": FORMAT, "round": 1})
 
     def dies(obj, f):
         f.write(b"partial")
@@ -152,7 +240,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies)
     with pytest.raises(OSError, match="disk full"):
-        write_checkpoint(path, {"format": 1, "round": 2})
+        write_checkpoint(path, {"format": FORMAT, "round": 2})
     monkeypatch.undo()
     assert read_checkpoint(path)["round"] == 1
 
@@ -184,3 +272,29 @@ def test_every_baseline_resumes_exactly(folder, tmp_path, name):
         start(cut, crash_at=3, grid=clients)
     _, resumed, _ = start(config | {"resume-from": "cut"}, grid=clients)
     assert rows(resumed) == rows(whole)
+
+
+def test_checkpoints_without_the_optimizer_state_resume_with_fresh_moments(
+    folder, tmp_path
+):
+    """``checkpoint-optimizer = false``: no Adam moments on disk (the checkpoint is
+    about a third of the size); resuming works and starts Adam afresh."""
+    config = base_config(folder, tmp_path, strategy="mh-pfedhn")
+    config |= {"num-server-rounds": 2, "checkpoint-every": 1}
+    start(config | {"run-name": "full"})
+    start(config | {"run-name": "light", "checkpoint-optimizer": False})
+    full = torch.load(tmp_path / "full" / CHECKPOINT_FILE, weights_only=True)
+    light = torch.load(tmp_path / "light" / CHECKPOINT_FILE, weights_only=True)
+    assert full["state"]["optimizer"] is not None
+    assert light["state"]["optimizer"] is None
+    size = (tmp_path / "light" / CHECKPOINT_FILE).stat().st_size
+    assert size < 0.4 * (tmp_path / "full" / CHECKPOINT_FILE).stat().st_size
+    resumed, _, _ = start(
+        config
+        | {"checkpoint-optimizer": False, "num-server-rounds": 3}
+        | {"resume-from": str(tmp_path / "light")}
+    )
+    # Adam restarted at round 3: the extractor took that round's 3 steps only
+    # (9 in an uninterrupted run), each client's embedding 1.
+    steps = {float(s["step"]) for s in resumed.optimizer.state.values()}
+    assert steps == {1.0, 3.0}

@@ -531,13 +531,6 @@ def test_failure_reason_from_log_tail():
     assert len(report.failure_reason("ValueError: " + "x" * 1000)) == 240
 
 
-def test_harness_is_reexported_for_old_imports():
-    from tests.flower_harness import SimulationSuperLink
-    from tools.superlink import SimulationSuperLink as Product
-
-    assert SimulationSuperLink is Product
-
-
 # --- one real comparison ------------------------------------------------------
 
 
@@ -555,7 +548,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @pytest.mark.e2e
 def test_tiny_comparison_through_flwr_run(tmp_path, capsys):
-    from tests.test_e2e import write_learnable_imagefolder
+    from tests.helpers import write_learnable_imagefolder
 
     data = write_learnable_imagefolder(tmp_path / "data", 10, 12)
     preset = write_preset(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import write_learnable_imagefolder
+from tests.helpers import write_learnable_imagefolder
 from tools.superlink import SimulationSuperLink, _descendants
 
 pytestmark = pytest.mark.e2e

@@ -26,8 +26,6 @@ import pytest
 import torch
 from PIL import Image
 
-from common import data as client_data
-from common import datasets
 from common.compat import import_torchvision
 from common.data import load_client_data
 from common.datasets import (
@@ -37,18 +35,12 @@ from common.datasets import (
     DatasetNotFoundError,
     load_train_arrays,
 )
+from common.datasets import cache as dataset_cache
 from common.partition import partition_indices
 
+pytestmark = pytest.mark.usefixtures("isolated_caches")
+
 CACHE = ".mhpfedhn-cache"
-
-
-@pytest.fixture(autouse=True)
-def isolated_caches(tmp_path_factory, monkeypatch):
-    """No test writes to ~/.cache or sees another test's memoised client data."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    client_data.clear_cache()
-    yield
-    client_data.clear_cache()
 
 
 @pytest.fixture
@@ -327,14 +319,14 @@ def test_imagefolder_errors(tmp_path):
 
 def count_decodes(monkeypatch, delay: float = 0.0) -> list[str]:
     calls: list[str] = []
-    real = datasets._decode
+    real = dataset_cache._decode
 
-    def counting(name, source):
-        calls.append(name)
+    def counting(dataset, source):
+        calls.append(dataset.name)
         time.sleep(delay)
-        return real(name, source)
+        return real(dataset, source)
 
-    monkeypatch.setattr(datasets, "_decode", counting)
+    monkeypatch.setattr(dataset_cache, "_decode", counting)
     return calls
 
 

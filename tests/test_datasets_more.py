@@ -9,10 +9,8 @@ resize, and ``ImageFolder`` over ``tiny-imagenet-200/train`` for the label order
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
-import struct
 import time
 import urllib.error
 import zipfile
@@ -23,8 +21,6 @@ import pytest
 import torch
 from PIL import Image
 
-from common import data as client_data
-from common import datasets
 from common.compat import import_torchvision
 from common.config import ConfigError, load_run_config
 from common.data import load_client_data
@@ -35,31 +31,26 @@ from common.datasets import (
     DatasetNotFoundError,
     load_train_arrays,
 )
+from common.datasets import cache as dataset_cache
 from common.partition import partition_indices
+from tests.helpers import idx_bytes, write_idx
+
+pytestmark = pytest.mark.usefixtures("isolated_caches")
 
 CACHE = ".mhpfedhn-cache"
 RAW = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "emnist": "EMNIST"}
 PREFIX = {"mnist": "train", "fashion-mnist": "train", "emnist": "emnist-byclass-train"}
 
 
-@pytest.fixture(autouse=True)
-def isolated_caches(tmp_path_factory, monkeypatch):
-    """No test writes to ~/.cache or sees another test's memoised client data."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-    client_data.clear_cache()
-    yield
-    client_data.clear_cache()
-
-
 def count_decodes(monkeypatch) -> list[str]:
     calls: list[str] = []
-    real = datasets._decode
+    real = dataset_cache._decode
 
-    def counting(name, source):
-        calls.append(name)
-        return real(name, source)
+    def counting(dataset, source):
+        calls.append(dataset.name)
+        return real(dataset, source)
 
-    monkeypatch.setattr(datasets, "_decode", counting)
+    monkeypatch.setattr(dataset_cache, "_decode", counting)
     return calls
 
 
@@ -70,24 +61,6 @@ def resize_like_torchvision(img: Image.Image) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- idx writers
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The official idx encoding: 0, 0, 0x08 (ubyte), ndim, big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim])
-    dims = struct.pack(f">{array.ndim}I", *array.shape)
-    return header + dims + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as handle:
-            handle.write(idx_bytes(array))
-    else:
-        path.write_bytes(idx_bytes(array))
-    return path
 
 
 def digits(n: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,28 +3,39 @@
 The deployment itself (real SuperLink, SuperNodes and ``flwr run``) is
 ``make deploy-test`` (scripts/deploy_test.py, several minutes), run by CI after
 ``make test``. These checks take seconds: the credentials ``make_certs.sh`` writes
-work for TLS and for Flower's key loaders; the Compose files parse, reference what
-exists and pass Flower 1.41's own argument parsers; the Dockerfile installs like
-the Makefile; and every Flower command of docs/guides/deploying.md parses and is the
-one the deploy test runs. No Docker engine is needed (nor available here).
+work for TLS and are keys Flower accepts; the Compose files parse, reference what
+exists and use only the options (and choices) Flower's programs document in their
+``--help``; the Dockerfile installs like the Makefile; every Flower command of
+docs/guides/deploying.md resolves and is the one the deploy test runs; and
+``flwr build`` packs the app code without docs/. No Docker engine is needed (nor
+available here).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shlex
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import flwr
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -34,42 +45,205 @@ MAKE_CERTS = ROOT / "scripts" / "make_certs.sh"
 FLWR_VERSION = flwr.__version__
 
 
-# -- Flower 1.41's own command line parsers ------------------------------------------
-def parse_superlink(args: list[str]):
-    from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
-
-    return _parse_args_run_superlink().parse_args(args)
-
-
-def parse_supernode(args: list[str]):
-    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
-
-    return _parse_args_run_supernode().parse_args(args)
+# -- Flower's command lines, as their --help documents them ---------------------------
+# Only Flower's public interface is used: each program's ``--help`` (run in a
+# subprocess; nothing else runs) lists its options and, for ``flwr``, its commands.
+# The command lines below are checked against those lists by our own small parsers.
+BIN = Path(sys.executable).parent
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Value types in click/typer's help tables: an option showing one takes a value.
+CLICK_TYPES = {"TEXT", "INTEGER", "FLOAT", "PATH", "FILE", "DIRECTORY", "BOOLEAN"}
 
 
-def parse_superexec(args: list[str]):
-    from flwr.supercore.cli.flower_superexec import _parse_args
+@functools.cache
+def help_text(*command: str) -> str:
+    env = os.environ | {"TERMINAL_WIDTH": "200", "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = subprocess.run(
+        [str(BIN / command[0]), *command[1:], "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (command, proc.stdout + proc.stderr)
+    return ANSI.sub("", proc.stdout)
 
-    return _parse_args().parse_args(args)
+
+@pytest.fixture(scope="module", autouse=True)
+def _prefetch_help():
+    """Run the ``--help`` calls this module needs side by side (each starts Flower)."""
+    commands = [
+        ("flower-superlink",),
+        ("flower-supernode",),
+        ("flower-superexec",),
+        ("flwr",),
+        *(("flwr", c) for c in ("run", "supernode", "list", "log")),
+        *(("flwr", "supernode", c) for c in ("register", "list", "unregister")),
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda command: help_text(*command), commands))
 
 
-def parse_flwr(args: list[str]) -> dict:
-    """Resolve ``flwr`` subcommands and parse their options (nothing runs)."""
-    import click
-    from flwr.cli.app import typer_click_object
+@functools.cache
+def argparse_options(program: str) -> dict[str, set[str] | bool]:
+    """``--flag`` -> False (a switch), True (takes a value) or its set of choices,
+    from the options section of an argparse program's ``--help``."""
+    options: dict[str, set[str] | bool] = {}
+    for line in help_text(program).splitlines():
+        m = re.match(r"^  (?:-\w, )?(--[\w-]+)(?: (\S+))?(?:  |$)", line)
+        if m:
+            flag, metavar = m.groups()
+            choices = re.fullmatch(r"\{(.*)\}", metavar or "")
+            options[flag] = set(choices[1].split(",")) if choices else bool(metavar)
+    assert "--help" in options, program
+    return options
 
-    def rest_of(ctx: click.Context) -> list[str]:
-        return [*getattr(ctx, "_protected_args", []), *ctx.args]
 
-    command = typer_click_object
-    ctx = command.make_context("flwr", list(args))
-    rest = rest_of(ctx)
-    while isinstance(command, click.Group) and rest:
-        name, command, rest = command.resolve_command(ctx, rest)
-        ctx = command.make_context(name, rest, parent=ctx)
-        rest = rest_of(ctx) if isinstance(command, click.Group) else []
-    assert not isinstance(command, click.Group), f"flwr {args}: no command"
-    return ctx.params
+def dest(flag: str) -> str:
+    """argparse's attribute name for ``--flag``."""
+    return flag[2:].replace("-", "_")
+
+
+def parse_argparse(program: str, args: list[str]) -> SimpleNamespace:
+    """Parse ``args`` like the program would (each option known, values where the
+    option takes one and in its choices, no positionals); missing options are None
+    and switches False, as argparse gives them."""
+    options = argparse_options(program)
+    parsed = {dest(f): (None if v else False) for f, v in options.items()}
+    words = list(args)
+    while words:
+        flag, eq, value = words.pop(0).partition("=")
+        assert flag in options, f"{program}: unknown option {flag} in {args}"
+        kind = options[flag]
+        if kind is False:
+            assert not eq, f"{program}: {flag} takes no value"
+            parsed[dest(flag)] = True
+            continue
+        if not eq:
+            assert words, f"{program}: {flag} needs a value"
+            value = words.pop(0)
+        assert kind is True or value in kind, f"{program}: {flag}={value} not in {kind}"
+        parsed[dest(flag)] = value
+    return SimpleNamespace(**parsed)
+
+
+def parse_superlink(args: list[str]) -> SimpleNamespace:
+    return parse_argparse("flower-superlink", args)
+
+
+def parse_supernode(args: list[str]) -> SimpleNamespace:
+    return parse_argparse("flower-supernode", args)
+
+
+def parse_superexec(args: list[str]) -> SimpleNamespace:
+    return parse_argparse("flower-superexec", args)
+
+
+@dataclass
+class FlwrCommand:
+    """One level of ``flwr``'s command tree, from its ``--help`` panels."""
+
+    commands: dict[str, str]  # name or alias -> name
+    options: dict[str, bool]  # option -> takes a value
+    arguments: list[bool]  # positional arguments in order: required?
+
+
+@functools.cache
+def flwr_command(*path: str) -> FlwrCommand:
+    commands: dict[str, str] = {}
+    options: dict[str, bool] = {}
+    arguments: list[bool] = []
+    panel = ""
+    for line in help_text("flwr", *path).splitlines():
+        if line.startswith("╭─"):
+            panel = line.strip("╭─ ").split(" ")[0]
+            continue
+        cells = line.strip("│ ").split()
+        if panel == "Arguments" and cells:  # "* name TYPE [required]" or "name ..."
+            required = cells[0] == "*"
+            if re.fullmatch(r"[a-z_]+", cells[int(required)]):
+                arguments.append(required)
+            continue
+        if not line.startswith("│ ") or line.startswith("│  "):
+            continue  # not a row, or a row's continuation
+        if panel == "Commands":
+            commands[cells[0]] = cells[0]
+            for alias in re.findall(r"\(alias: ([\w-]+)\)", line):
+                commands[alias] = cells[0]
+        elif panel == "Options":
+            names = [c for c in cells if c.startswith("-")][:3]
+            rest = cells[len(names)] if len(names) < len(cells) else ""
+            value = rest in CLICK_TYPES or bool(re.fullmatch(r"\[\S*\|\S*\]", rest))
+            options |= {name: value for name in names}
+    assert options, f"flwr {' '.join(path)}: no options in its help"
+    return FlwrCommand(commands, options, arguments)
+
+
+def parse_flwr(args: list[str]) -> tuple[str, ...]:
+    """Resolve ``flwr`` subcommands and check their options and arguments (nothing
+    runs); return the resolved command path."""
+    path: list[str] = []
+    words = list(args)
+    command = flwr_command()
+    while words and words[0] in command.commands:
+        path.append(command.commands[words.pop(0)])
+        command = flwr_command(*path)
+    assert path and not command.commands, f"flwr {args}: no command"
+    positionals = []
+    while words:
+        word = words.pop(0)
+        if not word.startswith("-"):
+            positionals.append(word)
+            continue
+        flag, eq, _ = word.partition("=")
+        assert flag in command.options, f"flwr {args}: unknown option {flag}"
+        if command.options[flag] and not eq:
+            assert words, f"flwr {args}: {flag} needs a value"
+            words.pop(0)
+    assert sum(command.arguments) <= len(positionals) <= len(command.arguments), (
+        f"flwr {args}: {len(positionals)} arguments for {command.arguments}"
+    )
+    return tuple(path)
+
+
+NODE_CONFIG_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
+
+
+def parse_node_config(text: str) -> dict:
+    """A ``--node-config`` value: space-separated ``key=value`` pairs, each value a
+    TOML value (the format Flower documents for it)."""
+    assert re.fullmatch(rf"\s*(?:{NODE_CONFIG_PAIR.pattern}\s*)*", text), text
+    pairs = NODE_CONFIG_PAIR.findall(text)
+    return tomllib.loads("\n".join(f"{k} = {v}" for k, v in pairs))
+
+
+def test_our_parsers_reject_what_flower_rejects():
+    with pytest.raises(AssertionError, match="unknown option --no-such-flag"):
+        parse_superlink(["--insecure", "--no-such-flag"])
+    with pytest.raises(AssertionError, match="not in"):
+        parse_superlink(["--isolation=thread"])
+    with pytest.raises(AssertionError, match="takes no value"):
+        parse_supernode(["--insecure=yes"])
+    args = parse_supernode(["--superlink", "127.0.0.1:9092", "--insecure"])
+    assert args.superlink == "127.0.0.1:9092" and args.insecure
+    assert args.root_certificates is None and args.isolation is None
+    assert parse_flwr(["ls", "deploy"]) == ("list",)
+    assert parse_flwr(["supernode", "ls", "deploy"]) == ("supernode", "list")
+    assert parse_flwr(["run", ".", "deploy", "-c", "x=1", "--stream"]) == ("run",)
+    with pytest.raises(AssertionError, match="no command"):
+        parse_flwr(["supernode"])
+    with pytest.raises(AssertionError, match="unknown option --bogus"):
+        parse_flwr(["run", ".", "--bogus"])
+    with pytest.raises(AssertionError, match="arguments"):
+        parse_flwr(["log"])  # the run id is required
+    with pytest.raises(AssertionError, match="arguments"):
+        parse_flwr(["run", ".", "deploy", "extra"])
+    config = 'client-name="site-a" partition-id=0 data-dir="/srv/a b"'
+    assert parse_node_config(config) == {
+        "client-name": "site-a",
+        "partition-id": 0,
+        "data-dir": "/srv/a b",
+    }
 
 
 # -- credentials ---------------------------------------------------------------------
@@ -128,14 +302,16 @@ def test_the_certificate_serves_tls_to_a_client_trusting_only_the_ca(certs, host
         thread.join(timeout=10)
 
 
-def test_node_keys_load_with_flowers_loaders_and_reruns_keep_them(certs):
-    from flwr.cli.supernode.register import try_load_public_key
-
+def test_node_keys_are_what_flower_accepts_and_reruns_keep_them(certs):
+    """Flower's SuperNode authentication takes OpenSSH EC keys on a NIST curve
+    (``flwr supernode register`` loads the public one); make_certs writes P-384."""
     for site in ["site-a", "site-b"]:
         key = load_ssh_private_key((certs / site).read_bytes(), None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert key.curve.name == "secp384r1"
-        assert try_load_public_key(certs / f"{site}.pub")
+        public = load_ssh_public_key((certs / f"{site}.pub").read_bytes())
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert public.public_numbers() == key.public_key().public_numbers()
     before = {p.name: p.read_bytes() for p in certs.iterdir()}
     subprocess.run(
         ["bash", str(MAKE_CERTS), str(certs), "site-a", "site-c"],
@@ -201,14 +377,12 @@ def test_compose_services_exist_and_their_commands_parse(files):
 
 
 def test_compose_sites_have_distinct_identities_and_existing_models():
-    from flwr.common.config import parse_config_args
-
     from common.models import available_models
 
     sites = []
     for spec in load_compose("compose.yml").values():
         if spec.get("image", "").startswith("flwr/supernode:"):
-            config = parse_config_args([parse_supernode(spec["command"]).node_config])
+            config = parse_node_config(parse_supernode(spec["command"]).node_config)
             assert config["model"] in available_models()
             assert config["state-dir"] and config["data-dir"]
             sites.append((config["client-name"], config["partition-id"]))
@@ -323,18 +497,26 @@ def test_the_guide_links_only_existing_files():
             assert (ROOT / path).exists(), path
 
 
-def test_the_app_bundle_ships_the_app_code_and_leaves_docs_out():
+def test_the_app_bundle_ships_the_app_code_and_leaves_docs_out(tmp_path):
     """pyproject's fab-include/fab-exclude: what `flwr run` sends every SuperNode.
 
     docs/ holds the committed comparison records (json/jsonl), which must not travel
     with every run; every module of the three app packages must.
     """
-    import io
     import zipfile
 
-    from flwr.cli.build import build_fab_from_disk
-
-    names = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))).namelist())
+    out = tmp_path / "fab"
+    out.mkdir()
+    build = subprocess.run(
+        [str(BIN / "flwr"), "build", "--app", str(ROOT)],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    (fab,) = out.glob("*.fab")
+    names = set(zipfile.ZipFile(fab).namelist())
     code = {
         path.relative_to(ROOT).as_posix()
         for package in ("common", "server_app", "client_app")

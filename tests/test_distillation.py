@@ -26,8 +26,7 @@ from server_app.registry import ClientInfo
 from server_app.strategies.fd import FedDistill
 from server_app.strategies.fedkd import FedKD
 from server_app.strategies.fml import FML
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 CNN_6 = 234006 - 4 * 65  # the cnn's parameters for 6 classes
 HEADER = 256  # at most this many bytes of .npy header per array on the wire

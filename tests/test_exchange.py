@@ -8,8 +8,8 @@ import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from server_app.exchange import Flight, exchange
+from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
-from tests.test_strategy import base_config, run, write_learnable_imagefolder
 
 
 class SlowGrid(InProcessGrid):

@@ -12,8 +12,7 @@ from flwr.app import MessageType
 from client_app.training import distillation_loss
 from common import protocol as P
 from server_app.strategies.mh_pfedhngd import GLOBAL
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 def test_distillation_loss_against_a_hand_computation():

@@ -8,8 +8,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from server_app.strategies.mh_pfedhn import MHPFedHN
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from server_app.strategies.mh_pfedhn import HYPERNET_FILE
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_app import persist
 from server_app.strategies import STRATEGIES
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 def records() -> RecordDict:

@@ -40,8 +40,7 @@ from server_app.strategies.prototypes import (
     prototype_pairs,
     seeded_module,
 )
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
+from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -12,40 +12,14 @@ from flwr.app import MessageType
 from common import protocol as P
 from common.config import load_run_config
 from server_app.registry import HandshakeError
-from server_app.results import RunResults
-from server_app.strategies import build_strategy
 from server_app.strategies.mh_pfedhn import MHPFedHN
+from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
-from tests.test_e2e import write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return write_learnable_imagefolder(tmp_path_factory.mktemp("folder"), 6, 24)
-
-
-def run(config: dict, num_nodes: int, strategy=None, **grid_kwargs):
-    cfg = load_run_config(config)
-    grid = InProcessGrid(config, num_nodes, **grid_kwargs)
-    strategy = strategy(cfg) if strategy else build_strategy(cfg)
-    results = RunResults.create(cfg)
-    strategy.start(grid, results)
-    results.finish()
-    rows = [
-        json.loads(x) for x in (results.path / "metrics.jsonl").read_text().splitlines()
-    ]
-    return strategy, grid, results, rows
-
-
-def base_config(folder: Path, tmp_path: Path, **extra) -> dict:
-    return {
-        "dataset": "imagefolder",
-        "data-dir": str(folder),
-        "results-dir": str(tmp_path),
-        "num-server-rounds": 3,
-        "chunk-size": 1024,
-        **extra,
-    }
 
 
 class SeparateEvaluation(MHPFedHN):
@@ -188,3 +162,41 @@ def test_windowed_sequential_round_replays_exactly(folder, tmp_path, window):
         strategy.hn.state_dict().items(), replay.hn.state_dict().items(), strict=True
     ):
         assert torch.equal(got, want), key
+
+
+def optimizer_state_by_name(strategy) -> dict[str, dict]:
+    names = {id(p): n for n, p in strategy.hn.named_parameters()}
+    return {names[id(p)]: s for p, s in strategy.optimizer.state.items()}
+
+
+def test_min_train_clients_holds_in_sequential_rounds(folder, tmp_path):
+    """Sequential rounds honour min-train-clients as mean rounds do: a round with
+    fewer usable replies leaves hypernetwork and Adam state as they were."""
+    config = base_config(folder, tmp_path, models="cnn", **{"min-train-clients": 3})
+
+    class LosesANode(MHPFedHN):
+        def admit_new_nodes(self, grid, results):
+            if self.current_round == 2:
+                grid.contexts.pop(1002, None)
+            super().admit_new_nodes(grid, results)
+
+    one, *_ = run(config | {"run-name": "one", "num-server-rounds": 1}, 3)
+    two, *_, rows = run(
+        config | {"run-name": "two", "num-server-rounds": 2}, 3, LosesANode
+    )
+    assert rows[-1]["round"] == 2 and rows[-1]["train_clients"] == 2
+    want, got = optimizer_state_by_name(one), optimizer_state_by_name(two)
+    assert got.keys() == want.keys() and len(want) > 0
+    for name, state in want.items():
+        for key, value in state.items():
+            assert torch.equal(got[name][key], value), f"{name} {key}"
+    for key, value in one.hn.state_dict().items():
+        assert torch.equal(two.hn.state_dict()[key], value), key
+
+    cfg = config | {"run-name": "ten", "num-server-rounds": 1, "min-train-clients": 10}
+    ten, *_ = run(cfg, 3)
+    assert not ten.optimizer.state  # three steps taken, all undone
+    fresh = MHPFedHN(load_run_config(cfg))
+    fresh.setup(ten.clients)
+    for key, value in fresh.hn.state_dict().items():
+        assert torch.equal(ten.hn.state_dict()[key], value), key

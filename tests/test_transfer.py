@@ -34,9 +34,16 @@ from server_app.registry import ClientInfo, ClientRegistry
 from server_app.strategies.base import payload_bytes
 from server_app.strategies.mh_pfedhn import MHPFedHN
 from server_app.strategies.mh_pfedhngd import GLOBAL
-from tests.test_e2e import write_learnable_imagefolder
-from tests.test_strategy import base_config, run
-from tests.test_validation import apply, assert_same, registry, reply, snapshot
+from tests.helpers import (
+    apply,
+    assert_same,
+    base_config,
+    registry,
+    reply,
+    run,
+    snapshot,
+    write_learnable_imagefolder,
+)
 
 RNG = np.random.default_rng(0)
 

@@ -7,39 +7,25 @@ optimizer and embeddings (or the global model) stay bit-identical.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common import protocol as P
 from common.config import load_run_config
-from server_app.registry import ClientInfo, ClientRegistry
 from server_app.strategies.fedavg import FedAvg
 from server_app.strategies.mh_pfedhn import MHPFedHN
-
-SIZES = {"a": 50, "b": 70}
-NODES = {"a": 11, "b": 12}
-
-
-def registry() -> ClientRegistry:
-    return ClientRegistry(
-        ClientInfo(name, NODES[name], k, 10, 5, 3, 1) for name, k in SIZES.items()
-    )
+from tests.helpers import (
+    NODES,
+    SIZES,
+    apply,
+    assert_same,
+    registry,
+    reply,
+    snapshot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,39 +37,6 @@ def hn_strategy() -> MHPFedHN:
     # One real step so that the optimizer has state to compare.
     strategy.hn_step([("a", torch.ones(50), 1.0)])
     return strategy
-
-
-def reply(
-    name: str = "a",
-    node: int | None = None,
-    delta: object = "good",
-    metrics: dict | None = None,
-    claimed: str | None = None,
-    error: bool = False,
-) -> Message:
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    sent = Message(
-        RecordDict(),
-        dst_node_id=NODES.get(name, 99) if node is None else node,
-        message_type=MessageType.TRAIN,
-    )
-    if error:
-        return Message(Error(code=0, reason="boom"), reply_to=sent)
-    content = RecordDict(
-        {
-            P.INFO: ConfigRecord({P.CLIENT_NAME: claimed or name}),
-            P.METRICS: MetricRecord(
-                metrics
-                if metrics is not None
-                else {P.NUM_EXAMPLES: 10, P.LOSS: 1.0, P.SECONDS: 0.1}
-            ),
-        }
-    )
-    if isinstance(delta, str) and delta == "good":
-        delta = np.full(SIZES.get(name, 50), 0.01, np.float32)
-    if delta is not None:
-        content[P.ARRAYS] = ArrayRecord({P.DELTA: Array(np.asarray(delta))})
-    return Message(content, reply_to=sent)
 
 
 def bad_delta(size: int):
@@ -125,34 +78,6 @@ malformed = st.one_of(
     st.just(reply(name="a", claimed="b")),  # a's node claims b's name
     st.just(reply(name="a", node=NODES["b"])),  # b's node claims to be a
 )
-
-
-def snapshot(strategy: MHPFedHN):
-    return (
-        {k: v.clone() for k, v in strategy.hn.state_dict().items()},
-        copy.deepcopy(strategy.optimizer.state_dict()),
-    )
-
-
-def assert_same(before, after) -> None:
-    for key, value in before[0].items():
-        assert torch.equal(value, after[0][key]), key
-    old, new = before[1]["state"], after[1]["state"]
-    assert old.keys() == new.keys()
-    for index, entry in old.items():
-        for name, value in entry.items():
-            assert torch.equal(value, new[index][name]), (index, name)
-
-
-def apply(strategy, message, mode: str) -> None:
-    """Validate ``message`` as a round-1 train reply and apply what passes, one
-    reply at a time (``sequential``) or as a round's batch (``mean``)."""
-    valid = strategy._valid_replies(1, [message], "train")
-    if mode == "sequential":
-        for client, content in valid:
-            strategy.absorb(client, content)
-    elif valid:
-        strategy.apply_train_replies(1, valid)
 
 
 @settings(

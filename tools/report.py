@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigError, load_run_config
 from common.machine import describe as describe_machine
 
 from .preset import Preset, RunSpec
@@ -491,12 +492,32 @@ def as_json(report: dict[str, Any]) -> dict[str, Any]:
     return report | {"strategies": strategies}
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    """Mean accuracy curve per strategy over its finished seeds, min-max shaded."""
+def plot_title(report: dict[str, Any]) -> str:
+    """The preset's title, then strategies, dataset (partition), clients, models."""
+    try:
+        config = load_run_config(report["run_config"]).flat()
+    except ConfigError:
+        config = report["run_config"]
+    strategies = ", ".join(s["strategy"] for s in report["strategies"])
+    dataset = config.get("dataset", "?")
+    if "partition" in config:
+        dataset = f"{dataset} ({config['partition']})"
+    models = str(config.get("models", "?")).replace(",", ", ")
+    setting = (
+        f"{strategies} on {dataset}, {report['num_supernodes']} clients, "
+        f"models: {models}"
+    )
+    return textwrap.fill(report["title"], 80) + "\n" + textwrap.fill(setting, 90)
+
+
+def figure(report: dict[str, Any]):
+    """Mean accuracy curve per strategy over its finished seeds, min-max shaded,
+    integer round ticks (a matplotlib figure, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 6))
     colours = plt.get_cmap("tab10" if len(report["strategies"]) <= 10 else "tab20")
@@ -528,6 +549,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         drawn += 1
     if not drawn:
         ax.text(0.5, 0.5, "no finished runs yet", ha="center", transform=ax.transAxes)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (mean over seeds, min-max band)")
     ax.set_ylim(0, 1)
@@ -540,8 +562,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
             loc="upper center",
             bbox_to_anchor=(0.5, -0.12),
         )
-    ax.set_title(textwrap.fill(report["title"], 70), fontsize="medium")
+    ax.set_title(plot_title(report), fontsize="medium")
     fig.tight_layout()
+    return fig
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Write :func:`figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

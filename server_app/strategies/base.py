@@ -38,7 +38,7 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from common import protocol as P
 from common.config import RunConfig
@@ -48,7 +48,9 @@ from ..checkpoint import (
     CHECKPOINT_FILE,
     FORMAT,
     holds_state_dict,
+    load_optimizer,
     pack,
+    pack_optimizer,
     unpack,
     write_checkpoint,
 )
@@ -60,7 +62,12 @@ from ..registry import (
     handshake,
     wait_for_nodes,
 )
-from ..results import RunResults, server_memory_mb
+from ..results import (
+    RunResults,
+    format_bytes,
+    format_duration,
+    server_memory_mb,
+)
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -84,8 +91,12 @@ class HeteroStrategy(Strategy):
     #: Name under which the strategy is registered (``strategy = "<name>"``).
     name: ClassVar[str] = ""
     #: Attributes that hold learned or random state, saved in checkpoints
-    #: (modules and optimizers by ``state_dict``, arrays, generators, values).
+    #: (modules by ``state_dict``, optimizers by parameter name, arrays,
+    #: generators, values).
     checkpoint_attributes: ClassVar[tuple[str, ...]] = ()
+    #: Optimizer attribute -> attribute of the module whose ``named_parameters``
+    #: name its parameters (the checkpoint keys its state by those names).
+    optimizer_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -101,6 +112,7 @@ class HeteroStrategy(Strategy):
         self.last_round = cfg.num_server_rounds
         self.current_round = 0
         self.rejected = 0  # replies rejected in the current round
+        self.round_times: dict[str, list[float]] = {}  # per phase, for the ETA
 
     # -- what a strategy implements ----------------------------------------------
     @abstractmethod
@@ -212,7 +224,13 @@ class HeteroStrategy(Strategy):
             "torch_rng": torch.get_rng_state(),
         }
         for attr in self.checkpoint_attributes:
-            state[attr] = pack(getattr(self, attr))
+            value = getattr(self, attr)
+            if attr in self.optimizer_modules:
+                module = getattr(self, self.optimizer_modules[attr])
+                keep = self.cfg.checkpoint_optimizer
+                state[attr] = pack_optimizer(value, module) if keep else None
+            else:
+                state[attr] = pack(value)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -221,6 +239,18 @@ class HeteroStrategy(Strategy):
         torch.set_rng_state(state["torch_rng"])
         for attr in self.checkpoint_attributes:
             current = getattr(self, attr)
+            if attr in self.optimizer_modules:
+                if state[attr] is None:
+                    log(
+                        WARNING,
+                        "the checkpoint holds no %s state (checkpoint-optimizer = "
+                        "false): it restarts from zero moments",
+                        attr,
+                    )
+                    continue
+                module = getattr(self, self.optimizer_modules[attr])
+                load_optimizer(current, module, state[attr])
+                continue
             if current is None and holds_state_dict(state[attr]):
                 current = self.build_module(attr)
             setattr(self, attr, unpack(state[attr], current))
@@ -541,7 +571,7 @@ class HeteroStrategy(Strategy):
         grid: Grid,
         results: RunResults,
         checkpoint: dict[str, Any] | None = None,
-    ) -> Result:
+    ) -> None:
         """Handshake, ``num-server-rounds`` rounds of train (+ evaluate), then
         whatever the strategy does after training (:meth:`after_training`).
 
@@ -567,15 +597,13 @@ class HeteroStrategy(Strategy):
         self.server_seconds += time.perf_counter() - start
         self.write_clients(results)
         self.summary()
-        result = Result()
         self.phase = "train"
-        self.run_rounds(grid, results, result, first, cfg.num_server_rounds, waiting)
+        self.run_rounds(grid, results, first, cfg.num_server_rounds, waiting)
         if waiting is not None and first > cfg.num_server_rounds:
             # Resumed at the very end: the last round's evaluation is still due.
-            self.finish_round(results, result, waiting, self.evaluate_now(grid,
+            self.finish_round(results, waiting, self.evaluate_now(grid,
                               waiting["round"]))  # fmt: skip
-        self.after_training(grid, results, result)
-        return result
+        self.after_training(grid, results)
 
     def admit_new_nodes(self, grid: Grid, results: RunResults) -> None:
         """At a round's start: hand-shake nodes that connected since the last one.
@@ -613,7 +641,7 @@ class HeteroStrategy(Strategy):
     def register(self, name: str, num_params: int) -> None:
         """Create the server state of a client that joined after the handshake."""
 
-    def after_training(self, grid: Grid, results: RunResults, result: Result) -> None:
+    def after_training(self, grid: Grid, results: RunResults) -> None:
         """Hook after the training rounds (MH-pFedHN fits novel clients here)."""
 
     @property
@@ -645,7 +673,6 @@ class HeteroStrategy(Strategy):
         self,
         grid: Grid,
         results: RunResults,
-        result: Result,
         first: int,
         last: int,
         waiting: dict[str, Any] | None = None,
@@ -663,11 +690,9 @@ class HeteroStrategy(Strategy):
             self.start_costs()
             self.admit_new_nodes(grid, results)
             self.evaluate_first = waiting is not None
-            train_metrics = self.train_phase(grid, rnd)
-            if train_metrics is not None:
-                result.train_metrics_clientapp[rnd] = train_metrics
+            self.train_phase(grid, rnd)
             if waiting is not None:
-                self.finish_round(results, result, waiting, self.carried_eval)
+                self.finish_round(results, waiting, self.carried_eval)
                 waiting = None
             record = {
                 "round": rnd,
@@ -676,14 +701,14 @@ class HeteroStrategy(Strategy):
                 "train_seconds": time.perf_counter() - t0,
             }
             if rnd % cfg.eval_every and rnd != last:
-                log(INFO, "round %d/%d | train loss %.4f | %.2f s", rnd, last,
-                    record["train_loss"], record["train_seconds"])  # fmt: skip
+                self.log_progress(record)
             elif self.carries_evaluation(rnd):
                 waiting = self.round_costs(record, t0)
+                self.log_progress(waiting, f"acc pending (with round {rnd + 1})")
             else:
                 evaluation = self.evaluate_now(grid, rnd)
                 record = self.round_costs(record, t0)
-                self.finish_round(results, result, record, evaluation)
+                self.finish_round(results, record, evaluation)
             self.save_checkpoint(results, rnd, waiting)
 
     def round_costs(self, record: dict[str, Any], t0: float) -> dict[str, Any]:
@@ -719,33 +744,60 @@ class HeteroStrategy(Strategy):
     def finish_round(
         self,
         results: RunResults,
-        result: Result,
         record: dict[str, Any],
         evaluation: dict[str, Any] | None,
     ) -> None:
-        rnd, rounds = record["round"], self.last_round
+        """Write an evaluated round's row and log its progress line.
+
+        A record of a round before :attr:`current_round` is an evaluation that
+        rode on a later round's messages (or is due after a resume): its training
+        part was logged when the round ended, so only the accuracy is logged.
+        """
+        rnd = record["round"]
+        carried = rnd != self.current_round
         if evaluation is None:
             log(WARNING, "round %d: no evaluation replies", rnd)
+            if not carried:
+                self.log_progress(record, "acc - (no evaluation replies)")
             return
         record = {"round": rnd, "phase": self.phase, **evaluation, **record}
-        result.evaluate_metrics_clientapp[rnd] = MetricRecord(
-            {"accuracy": record["accuracy"], "loss": record["loss"]}
-        )
         results.append(record)
-        log(
-            INFO,
-            "round %d/%d | acc %.4f (client mean %.4f) | loss %.4f | %.2f s "
-            "(server %.2f s) | down %.1f MB up %.1f MB",
-            rnd,
-            rounds,
-            record["accuracy"],
-            record["accuracy_mean"],
-            record["loss"],
-            record["round_seconds"],
-            record["server_seconds"],
-            record["bytes_down"] / 1e6,
-            record["bytes_up"] / 1e6,
+        accuracy = (
+            f"acc {100 * record['accuracy']:.2f}% (client mean "
+            f"{100 * record['accuracy_mean']:.2f}%) | test loss {record['loss']:.4f}"
         )
+        if carried:
+            log(INFO, "%s | %s", self.round_label(rnd), accuracy)
+        else:
+            self.log_progress(record, accuracy)
+
+    def round_label(self, server_round: int) -> str:
+        """``round k/N`` (``novel round k/N`` for clients that join later)."""
+        phase = "" if self.phase == "train" else f"{self.phase} "
+        return f"{phase}round {server_round}/{self.last_round}"
+
+    def log_progress(self, record: dict[str, Any], accuracy: str = "") -> None:
+        """Log a round's line as soon as it ends: ``round k/N | acc | train loss
+        | seconds | ETA | bytes`` (what the record has of it).
+
+        The ETA is the mean of the phase's last 10 round durations times the
+        rounds left. A round without evaluation has no ``acc`` part; one whose
+        evaluation rides on the next round says so, and :meth:`finish_round`
+        logs the accuracy when it arrives.
+        """
+        rnd = record["round"]
+        seconds = record.get("round_seconds", record.get("train_seconds", 0.0))
+        times = self.round_times.setdefault(self.phase, [])
+        times.append(seconds)
+        eta = np.mean(times[-10:]) * max(0, self.last_round - rnd)
+        parts = [self.round_label(rnd)] + ([accuracy] if accuracy else [])
+        if "train_loss" in record:
+            parts.append(f"train loss {record['train_loss']:.4f}")
+        parts += [f"{seconds:.2f} s", f"ETA {format_duration(eta)}"]
+        if "bytes_down" in record:
+            parts.append(f"down {format_bytes(record['bytes_down'])}, "
+                         f"up {format_bytes(record['bytes_up'])}")  # fmt: skip
+        log(INFO, "%s", " | ".join(parts))
 
 
 def _seconds(metrics: MetricRecord | None, key: str = P.SECONDS) -> float:

@@ -49,7 +49,6 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
 
 from common import protocol as P
 from common.config import RunConfig
@@ -72,6 +71,7 @@ class MHPFedHN(HeteroStrategy):
     """The hypernetwork strategy; see the module docstring for the math."""
 
     checkpoint_attributes = ("hn", "optimizer", "torch_gen")
+    optimizer_modules = {"optimizer": "hn"}
 
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
@@ -89,6 +89,9 @@ class MHPFedHN(HeteroStrategy):
         # training in round r+1 send the same vectors; any update clears it.
         self._theta_cache: dict[str, np.ndarray] = {}
         self.loaded_heads: set[str] = set()
+        # Sequential rounds with min-train-clients > 1: every parameter the round
+        # stepped, with its value and optimizer state before the first step.
+        self._undo: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
 
     # -- state ------------------------------------------------------------------------
     def build_hypernetwork(self) -> HyperNetwork:
@@ -183,10 +186,41 @@ class MHPFedHN(HeteroStrategy):
             self.hn.accumulate_vjp(name, delta.to(self.device) * weight)
         params = [p for p in self.hn.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.hn_grad_clip)
+        if self._undo is not None:
+            self.remember(params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._theta_cache.clear()
         return float(norm)
+
+    def remember(self, params: list[torch.Tensor]) -> None:
+        """Keep the value and optimizer state of each of ``params`` that the round
+        has not stepped yet (for :meth:`undo_round`)."""
+        assert self.optimizer is not None and self._undo is not None
+        for p in params:
+            if id(p) not in self._undo:
+                state = self.optimizer.state.get(p)
+                saved = None
+                if state:
+                    saved = {
+                        k: v.clone() if torch.is_tensor(v) else v
+                        for k, v in state.items()
+                    }
+                self._undo[id(p)] = (p, p.detach().clone(), saved)
+
+    @torch.no_grad()
+    def undo_round(self) -> None:
+        """Put every parameter the round stepped, and its optimizer state, back as
+        it was before the round's first step (bit for bit)."""
+        assert self.optimizer is not None and self._undo is not None
+        for p, value, state in self._undo.values():
+            p.copy_(value)
+            if state is None:
+                self.optimizer.state.pop(p, None)
+            else:
+                self.optimizer.state[p] = state
+        self._undo.clear()
+        self._theta_cache.clear()
 
     def reply_delta(
         self, client: ClientInfo, content: RecordDict, key: str = P.DELTA, of: str = ""
@@ -228,7 +262,7 @@ class MHPFedHN(HeteroStrategy):
             self.hn_step([(name, delta, n / total) for name, delta, n in usable])
 
     # -- clients that join after training ----------------------------------------
-    def after_training(self, grid: Grid, results: RunResults, result: Result) -> None:
+    def after_training(self, grid: Grid, results: RunResults) -> None:
         """Save the hypernetwork, then fit the novel clients' embeddings.
 
         Extractor and the heads that training produced (or ``hypernet-from``
@@ -262,10 +296,8 @@ class MHPFedHN(HeteroStrategy):
         self.start_costs()
         evaluation = self.evaluate_now(grid, last)
         self.last_train_metrics = {}
-        self.finish_round(
-            results, result, self.round_costs({"round": last}, start), evaluation
-        )
-        self.run_rounds(grid, results, result, last + 1, last + self.cfg.novel_rounds)
+        self.finish_round(results, self.round_costs({"round": last}, start), evaluation)
+        self.run_rounds(grid, results, last + 1, last + self.cfg.novel_rounds)
 
     # -- the windowed sequential round ---------------------------------------------
     def carries_evaluation(self, server_round: int) -> bool:
@@ -300,9 +332,18 @@ class MHPFedHN(HeteroStrategy):
         When the previous round's evaluation is due (:meth:`carries_evaluation`),
         its messages go out right after the first ``W`` train messages, which are
         generated from the same state, so the workers never wait between rounds.
+
+        ``min-train-clients``: as in a ``mean`` round, the round changes nothing
+        unless at least that many replies were usable. Steps are taken as replies
+        arrive, so with a limit above 1 each stepped parameter's value and
+        optimizer state are kept before its first step of the round and put back
+        when the round ends short (:meth:`undo_round`; memory: one copy of what
+        the round stepped), and the end-of-round update (:meth:`end_train_phase`)
+        is skipped. Honoured, not refused: the guard means the same in both modes.
         """
         if self.cfg.hn_update != "sequential":
             return super().train_phase(grid, server_round)
+        self._undo = {} if self.cfg.min_train_clients > 1 else None
         names = self.sample_train_clients()
         order = [names[k] for k in self.rng.permutation(len(names))]
         width = self.window(len(order))
@@ -373,7 +414,15 @@ class MHPFedHN(HeteroStrategy):
             time.sleep(POLL_SECONDS if pending_eval else 0)
         applied.sort(key=lambda pair: pair[0].name)
         start = time.perf_counter()
-        self.end_train_phase(applied)
+        if len(applied) >= self.cfg.min_train_clients:
+            self.end_train_phase(applied)
+        else:
+            if self._undo is not None:
+                self.undo_round()
+            log(WARNING, "round %d: %d usable train replies, fewer than "
+                "min-train-clients = %d; the round's updates are undone",
+                server_round, len(applied), self.cfg.min_train_clients)  # fmt: skip
+        self._undo = None
         self.server_seconds += time.perf_counter() - start
         metrics = self.summarise_train(applied)
         if self.evaluate_first:
