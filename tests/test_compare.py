@@ -274,6 +274,29 @@ def test_the_five_model_table_in_the_docs_is_what_the_records_give():
         assert row in docs, f"docs/COMPARISON.md lacks the row {row}"
 
 
+def test_the_50_client_cnn_table_in_the_docs_is_what_the_records_give():
+    """docs/COMPARISON.md's 50-client CNN table: every recorded run of the preset is
+    finished, and each strategy with a finished seed has the row ``make compare
+    --table-only`` computes from the records (final, best, last-5 mean)."""
+    out = ROOT / "docs" / "results" / "cifar10-cnn-50clients"
+    preset = load_preset(ROOT / "conf" / "compare" / "cifar10-cnn-50clients.toml")
+    docs = (ROOT / "docs" / "COMPARISON.md").read_text()
+    table = docs[docs.index("### All CNN, 100 rounds") :]
+    recorded = 0
+    for s in report.build_report(out, preset, preset.runs())["strategies"]:
+        if not s["seeds_finished"]:
+            assert f"| `{s['strategy']}` |" not in table, s["strategy"]
+            continue
+        recorded += 1
+        row = (
+            f"| `{s['strategy']}` | {report.format_accuracy(s['final_accuracy'])} "
+            f"| {report.format_accuracy(s['best_accuracy'])} "
+            f"| {report.format_accuracy(s['last5_accuracy'])} |"
+        )
+        assert row in table, f"docs/COMPARISON.md lacks the row {row}"
+    assert recorded >= 2
+
+
 def test_cli_rejects_only_outside_the_preset(tmp_path, capsys):
     path = write_preset(tmp_path)
     assert compare.main([str(path), "--only", "local,fedproto", "--dry-run"]) == 2
