@@ -87,6 +87,26 @@ def write_learnable_mnist(root: Path, per_class: int = 60) -> Path:
     return root
 
 
+def label_prior_accuracy(
+    folder: Path, num_clients: int, classes_per_client: int = 2, seed: int = 42
+) -> float:
+    """Test accuracy of every client always answering its most frequent train class,
+    on the image folder ``folder`` split as a run splits it (pathological partition):
+    what a model that learnt only its client's label prior reaches."""
+    from common.data import load_client_data
+
+    correct = total = 0
+    for pid in range(num_clients):
+        data = load_client_data(
+            "imagefolder", folder, pid, num_clients, "pathological",
+            classes_per_client, 0.1, seed,
+        )  # fmt: skip
+        majority = torch.bincount(data.train_y).argmax()
+        correct += int((data.test_y == majority).sum())
+        total += data.num_test
+    return correct / total
+
+
 # -- in-process runs -------------------------------------------------------------------
 def run(config: dict, num_nodes: int, strategy=None, **grid_kwargs):
     """Run ``config`` with ``num_nodes`` in-process nodes; return the strategy, the

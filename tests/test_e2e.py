@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import write_learnable_imagefolder, write_learnable_mnist
+from tests.helpers import (
+    label_prior_accuracy,
+    write_learnable_imagefolder,
+    write_learnable_mnist,
+)
 from tools.superlink import SimulationSuperLink
 
 pytestmark = pytest.mark.e2e
@@ -26,6 +30,11 @@ def superlink(tmp_path_factory):
     link = SimulationSuperLink(tmp_path_factory.mktemp("superlink")).start()
     yield link
     link.stop()
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory) -> Path:
+    return write_learnable_imagefolder(tmp_path_factory.mktemp("stand-in"), 10, 200)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,11 @@ def run_ok(link: SimulationSuperLink, tmp_path: Path, num: int, **config) -> Pat
     return run_dir
 
 
-def test_mh_pfedhn_learns_on_cifar10(superlink, tmp_path, cifar10_or_stand_in):
+def test_mh_pfedhn_runs_on_cifar10(superlink, tmp_path, cifar10_or_stand_in):
+    """The real dataset through the whole pipeline: results files, one row per
+    round for every client, byte and time counts. Learning is shown by the next
+    test: with the paper's hn-lr, MH-pFedHN needs about 15 rounds on CIFAR-10 to
+    pass 0.5 (docs/results, 50 clients); these 3 rounds measured 0.12, 0.15, 0.25."""
     run_dir = run_ok(
         superlink, tmp_path, 10, **cifar10_or_stand_in, **{"num-server-rounds": 3}
     )
@@ -68,10 +81,25 @@ def test_mh_pfedhn_learns_on_cifar10(superlink, tmp_path, cifar10_or_stand_in):
         )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["final_accuracy"] == rows[-1]["accuracy"]
-    print("E2E-ACCURACY", [r["accuracy"] for r in rows], rows[-1]["client_accuracy"])
-    # 10 classes: chance is 0.1; three rounds are enough to be well above it.
-    assert summary["final_accuracy"] > 0.15
-    assert rows[-1]["accuracy"] > rows[0]["accuracy"]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"]  # on its way
+
+
+def test_mh_pfedhn_learns(superlink, tmp_path, stand_in):
+    """Personal models beyond the label prior: 10 clients with 2 classes each of a
+    learnable 10-class image folder. Clients that learnt only their label prior
+    score 0.67 on this partition (0.5 with balanced classes; measured below on
+    the same partition); the run measured 0.38, 0.51, then 1.0 from round 3."""
+    run_dir = run_ok(
+        superlink,
+        tmp_path,
+        10,
+        **{"dataset": "imagefolder", "data-dir": str(stand_in)},
+        **{"num-server-rounds": 4},
+    )
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    prior = label_prior_accuracy(stand_in, 10)
+    assert rows[-1]["accuracy"] >= max(0.9, prior + 0.2), (rows[-1], prior)
+    assert min(rows[-1]["client_accuracy"].values()) > prior, rows[-1]
 
 
 def test_heterogeneous_models_get_exact_sizes_and_heads(

@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import load_client_data
 from common.flat import load_flat_, trainable_params
 from common.models import build_model, num_trainable
 from server_app.pfedhn_net import PerTensorHyperNetwork
-from tests.helpers import base_config, run, write_learnable_imagefolder
+from tests.helpers import (
+    base_config,
+    label_prior_accuracy,
+    run,
+    write_learnable_imagefolder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +53,6 @@ def test_vjp_is_the_gradient_of_the_inner_product():
     (hn("a") * delta).sum().backward()
     for g, p in zip(grads, hn.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
-
-
-def label_prior_accuracy(folder, num_clients: int) -> float:
-    """Test accuracy of every client always answering its most frequent train class
-    (the run's partition: pathological, 2 classes per client, seed 42)."""
-    correct = total = 0
-    for pid in range(num_clients):
-        data = load_client_data(
-            "imagefolder", folder, pid, num_clients, "pathological", 2, 0.1, 42
-        )
-        majority = torch.bincount(data.train_y).argmax()
-        correct += int((data.test_y == majority).sum())
-        total += data.num_test
-    return correct / total
 
 
 def test_pfedhn_round_trip(folder, tmp_path):
