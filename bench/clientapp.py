@@ -12,7 +12,7 @@ cached then) and not shown.
 Torch runs on ``--threads`` intra-op threads (default 1: what a simulated
 ClientApp actor with ``client-resources-num-cpus = 1`` gets from Ray's
 ``OMP_NUM_THREADS``). The parts of a message are timed by wrapping the functions
-that do them (wall-clock and this thread's CPU time):
+that do them (wall-clock and the process's CPU time, all its threads):
 
 - ``construct``: ``LocalClient.from_context`` whole (identity, cached data, the
   model and its seeded initialisation, BatchNorm state restored);
@@ -55,7 +55,7 @@ PAPER_MODELS = "cnn,vgg8,resnet10,resnet12,resnet18"
 
 
 class Timers:
-    """Wall-clock and thread CPU seconds per named part, by the wrapped calls."""
+    """Wall-clock and process CPU seconds per named part, by the wrapped calls."""
 
     def __init__(self) -> None:
         self.wall: dict[str, float] = defaultdict(float)
@@ -70,12 +70,12 @@ class Timers:
             if self.depth[part]:  # a recursive or nested call: count once
                 return func(*args, **kwargs)
             self.depth[part] += 1
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall, cpu = time.perf_counter(), time.process_time()
             try:
                 return func(*args, **kwargs)
             finally:
                 self.wall[part] += time.perf_counter() - wall
-                self.cpu[part] += time.thread_time() - cpu
+                self.cpu[part] += time.process_time() - cpu
                 self.depth[part] -= 1
 
         setattr(owner, attr, timed)
@@ -86,12 +86,12 @@ class Timers:
 
     @contextmanager
     def part(self, name: str):
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.wall[name] += time.perf_counter() - wall
-            self.cpu[name] += time.thread_time() - cpu
+            self.cpu[name] += time.process_time() - cpu
 
 
 def instrument(timers: Timers) -> None:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for rnd in range(1, args.rounds + 1):
             timers.reset()
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall, cpu = time.perf_counter(), time.process_time()
             for kind in (MessageType.EVALUATE, MessageType.TRAIN):
                 theta = (rng.standard_normal(k) * 0.02).astype(np.float32)
                 sent = message(node_id, kind, theta, rnd)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                 (reply,) = grid.pull_messages([reply_id])
                 if reply.has_error():
                     raise RuntimeError(reply.error.reason)
-            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if rnd == 1:
                 continue
             totals["message"][0] += wall
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"{name}: {row['message ms']:.0f} ms per round (2 messages)", flush=True)
     print(f"\nPer round of one client (EVALUATE + TRAIN), {args.threads} thread(s), "
-          f"rounds 2-{args.rounds}; thread CPU ms\n")  # fmt: skip
+          f"rounds 2-{args.rounds}; process CPU ms\n")  # fmt: skip
     print_table(
         rows,
         ["model", "K", "message cpu ms", "construct cpu ms", "model cpu ms",

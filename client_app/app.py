@@ -8,6 +8,9 @@ error reply, which the server reports with the client's name.
 With node config ``state-dir``, the client's kept state also lives on disk
 (:mod:`client_app.persist`): restored into a restarted SuperNode's empty
 ``context.state`` before the client is built, written after every TRAIN.
+
+Run-config ``client-threads`` (when not 0) sets torch's intra-op threads for the
+whole handling of a message, restored afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
-from common.config import load_run_config
+from common.config import RunConfig, load_run_config
+from common.threads import intra_op_threads
 
 from . import persist
 from .local import LocalClient, client_name
@@ -27,9 +31,8 @@ from .trainers import ClientTrainer, build_trainer
 app = ClientApp()
 
 
-def _trainer(context: Context) -> ClientTrainer:
+def _trainer(context: Context, cfg: RunConfig) -> ClientTrainer:
     """This client (identity, model, data, kept state) and its strategy's trainer."""
-    cfg = load_run_config(context.run_config)
     persist.restore(context, client_name(context))
     client = LocalClient.from_context(context, cfg)
     return build_trainer(cfg.strategy, client, context.state)
@@ -51,18 +54,20 @@ def query(message: Message, context: Context) -> Message:
     """Handshake: name, parameter count, example counts, the task's class and
     channel counts and whether the client joins after training; nothing about
     its architecture."""
-    trainer = _trainer(context)
-    client = trainer.client
-    content = trainer.reply(
-        {
-            P.NUM_PARAMS: client.num_params,
-            P.NUM_TRAIN: client.data.num_train,
-            P.NUM_TEST: client.data.num_test,
-            P.NUM_CLASSES: client.data.num_classes,
-            P.IN_CHANNELS: client.data.in_channels,
-            P.NOVEL: int(client.novel),
-        }
-    )
+    cfg = load_run_config(context.run_config)
+    with intra_op_threads(cfg.client_threads):
+        trainer = _trainer(context, cfg)
+        client = trainer.client
+        content = trainer.reply(
+            {
+                P.NUM_PARAMS: client.num_params,
+                P.NUM_TRAIN: client.data.num_train,
+                P.NUM_TEST: client.data.num_test,
+                P.NUM_CLASSES: client.data.num_classes,
+                P.IN_CHANNELS: client.data.in_channels,
+                P.NOVEL: int(client.novel),
+            }
+        )
     return Message(content=content, reply_to=message)
 
 
@@ -74,16 +79,18 @@ def train(message: Message, context: Context) -> Message:
     training (the previous round's evaluation, carried by this message).
     """
     cpu_start = time.process_time()
-    trainer = _trainer(context)
-    client = trainer.client
-    evaluation = None
-    if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
-        evaluation = MetricRecord(trainer.evaluate_metrics(message.content))
-    content: RecordDict = trainer.train(message.content, _round(message))
-    if evaluation is not None:
-        content[P.EVAL_METRICS] = evaluation
-    trainer.save()
-    persist.save(context, client.name, _round(message))
+    cfg = load_run_config(context.run_config)
+    with intra_op_threads(cfg.client_threads):
+        trainer = _trainer(context, cfg)
+        client = trainer.client
+        evaluation = None
+        if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
+            evaluation = MetricRecord(trainer.evaluate_metrics(message.content))
+        content: RecordDict = trainer.train(message.content, _round(message))
+        if evaluation is not None:
+            content[P.EVAL_METRICS] = evaluation
+        trainer.save()
+        persist.save(context, client.name, _round(message))
     return _answer(message, content, cpu_start)
 
 
@@ -91,6 +98,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
     cpu_start = time.process_time()
-    trainer = _trainer(context)
-    content = trainer.evaluate(message.content, _round(message))
+    cfg = load_run_config(context.run_config)
+    with intra_op_threads(cfg.client_threads):
+        content = _trainer(context, cfg).evaluate(message.content, _round(message))
     return _answer(message, content, cpu_start)

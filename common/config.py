@@ -78,6 +78,9 @@ class RunConfig(BaseModel):
     #: reading as ``accuracy``, the recalibrated one as ``accuracy_recalibrated``).
     #: Evaluation only.
     bn_eval: Literal["stored", "recalibrate", "both"] = "stored"
+    #: Intra-op threads torch uses in every ClientApp message (0: the process's
+    #: own, i.e. all cores in deployment, 1 per simulated client under Ray).
+    client_threads: int = Field(0, ge=0)
 
     # Hypernetwork
     hn_lr: float = Field(2e-4, gt=0.0)

@@ -68,6 +68,16 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "method](method.md#what-stays-on-the-client); `python "
         "scripts/bn_recalibration.py RUN_DIR` measures it on a finished run"
     ),
+    "client-threads": (
+        "intra-op threads torch uses for each client message; 0 keeps the "
+        "process's own (all cores of a SuperNode; 1 per simulated client, as "
+        "Ray sets it for `client-resources-num-cpus = 1`). 2 lets a simulated "
+        "client use a core its neighbour leaves idle (the threads of clients "
+        "that run at once then share the cores, and wait passively): 5-model "
+        "rounds about 13% faster on 2 cores, but float results depend on the "
+        "thread count, so runs with different values differ in the last bits "
+        "and then diverge. See [Benchmarks](BENCHMARKS.md#round-speed-5-models)"
+    ),
     "hn-lr": "hypernetwork Adam learning rate",
     "hn-grad-clip": "hypernetwork gradient norm clip",
     "hn-update": (

@@ -1,4 +1,4 @@
-"""Running small torch computations on one intra-op thread."""
+"""Running torch computations on a chosen number of intra-op threads."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run torch on ``count`` intra-op threads inside the block (restored after);
+    ``0`` leaves the process's setting as it is."""
+    threads = torch.get_num_threads()
+    if count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count > 0:
+            torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -17,9 +31,5 @@ def one_thread() -> Iterator[None]:
     synchronisation there, and on a busy 2-core machine multi-threaded SVDs and
     FedTGP's server training were 20-40 times slower.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
