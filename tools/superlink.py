@@ -80,7 +80,7 @@ class SimulationSuperLink:
                 "--simulation",
                 "--isolation",
                 "subprocess",
-                # Flower 1.41 serves the Control, Fleet and runtime APIs on one port.
+                # Flower 1.42 serves the Control, Fleet and runtime APIs on one port.
                 "--host",
                 "127.0.0.1",
                 "--port",
