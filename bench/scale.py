@@ -130,7 +130,8 @@ def _strategy_child(num_clients: int, rounds: int, fraction: float) -> None:
     import torch
 
     from common.config import load_run_config
-    from server_app.registry import ClientInfo, ClientRegistry
+    from server_app.engine.loop import Engine
+    from server_app.engine.registry import ClientInfo, ClientRegistry
     from server_app.strategies.mh_pfedhn import MHPFedHN
 
     def rss_mb() -> float:
@@ -146,10 +147,11 @@ def _strategy_child(num_clients: int, rounds: int, fraction: float) -> None:
                    num_train=37, num_test=13, num_classes=10, in_channels=3)
         for i in range(num_clients)
     )  # fmt: skip
-    strategy.clients = clients
-    strategy.setup(clients)
+    engine = Engine(strategy)
+    engine.clients = clients
+    strategy.start(clients)
     for _ in range(rounds):
-        for name in strategy.sample_train_clients():
+        for name in engine.sample_train_clients():
             delta = torch.from_numpy(strategy.theta(name) * 1e-3)
             strategy.hn_step([(name, delta, 1.0)])
     adam = sum(

@@ -47,7 +47,8 @@ class RunConfig(BaseModel):
     min_clients: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
     #: Messages of one exchange pushed but not yet answered, at most (0 = all at
-    #: once); bounds what waits in the SuperLink (see :mod:`server_app.exchange`).
+    #: once); bounds what waits in the SuperLink (see
+    #: :mod:`server_app.engine.exchange`).
     max_in_flight: int = Field(64, ge=0)
     seed: int = Field(42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

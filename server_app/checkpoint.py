@@ -17,7 +17,7 @@
 ``clients``
     The registry (names, sizes, example counts); node ids are not kept.
 ``state``
-    :meth:`HeteroStrategy.state_dict`: random generators, and every attribute the
+    :meth:`Engine.state_dict`: random generators, and every attribute the
     strategy lists in ``checkpoint_attributes`` (hypernetwork, optimizer,
     prototypes, ...). Modules are saved by ``state_dict`` (keyed by parameter
     name); an optimizer by the names of its parameters in the module that owns

@@ -60,7 +60,7 @@ from common.config import RunConfig
 from common.machine import machine
 
 from .checkpoint import CHECKPOINT_FILE
-from .registry import natural_key
+from .engine.registry import natural_key
 
 #: The first columns of ``metrics.csv``; the other scalar fields follow.
 CSV_COLUMNS = (

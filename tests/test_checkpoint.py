@@ -21,6 +21,7 @@ from server_app.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from server_app.engine.loop import Engine
 from server_app.results import RunResults
 from server_app.strategies import STRATEGIES
 from tests.helpers import base_config, write_learnable_imagefolder
@@ -48,16 +49,14 @@ def start(
     round ``crash_at`` begins. Passing the ``grid`` of an earlier run keeps its
     clients (and their private state) alive, as SuperNodes outlive a server."""
     cfg = load_run_config(config)
-    base = STRATEGIES[cfg.strategy]
 
-    class Crashing(base):
-        def train_phase(self, grid, server_round):
+    class Crashing(Engine):
+        def train_round(self, grid, server_round, evaluate_first):
             if server_round == crash_at:
                 raise Crash(f"killed in round {server_round}")
-            return super().train_phase(grid, server_round)
+            return super().train_round(grid, server_round, evaluate_first)
 
-    Crashing.name = base.name
-    strategy = Crashing(cfg)
+    strategy = STRATEGIES[cfg.strategy](cfg)
     checkpoint = None
     if cfg.resume_from:
         path = checkpoint_path(cfg.resume_from, cfg.results_dir)
@@ -70,7 +69,7 @@ def start(
         results = RunResults.create(cfg)
     try:
         grid = grid or InProcessGrid(config, num_nodes)
-        strategy.start(grid, results, checkpoint)
+        Crashing(strategy).start(grid, results, checkpoint)
     finally:
         results.finish()
     return strategy, results, grid

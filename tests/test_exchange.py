@@ -1,4 +1,4 @@
-"""The bounded message window of ``server_app.exchange`` (``max-in-flight``)."""
+"""The bounded message window of ``server_app.engine.exchange`` (``max-in-flight``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from server_app.exchange import Flight, exchange
+from server_app.engine.exchange import Flight, exchange
 from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
 
@@ -93,12 +93,12 @@ def test_messages_are_built_only_when_a_slot_frees():
 
 def test_silent_node_is_given_up_and_frees_its_slot(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("server_app.exchange.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("server_app.engine.exchange.time.monotonic", lambda: clock[0])
 
     def sleep(seconds):
         clock[0] += 1.0
 
-    monkeypatch.setattr("server_app.exchange.time.sleep", sleep)
+    monkeypatch.setattr("server_app.engine.exchange.time.sleep", sleep)
     grid = SlowGrid(4, silent={1000})
     replies = exchange(grid, messages(grid, range(1000, 1004)), 5.0, 1)
     # the silent first node holds the only slot until its timeout; then the rest run

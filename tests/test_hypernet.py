@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, RunConfig, load_run_config
+from server_app.engine.registry import ClientInfo, ClientRegistry
 from server_app.hypernet import HyperNetwork, PositionHeads
-from server_app.registry import ClientInfo, ClientRegistry
 from server_app.strategies.mh_pfedhn import MHPFedHN
 
 

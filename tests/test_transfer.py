@@ -30,8 +30,9 @@ from common.transfer import (
     encode_update,
     topk_count,
 )
-from server_app.registry import ClientInfo, ClientRegistry
-from server_app.strategies.base import payload_bytes
+from server_app.engine.costs import payload_bytes
+from server_app.engine.registry import ClientInfo, ClientRegistry
+from server_app.engine.replies import ReplyCheck
 from server_app.strategies.mh_pfedhn import MHPFedHN
 from server_app.strategies.mh_pfedhngd import GLOBAL
 from tests.helpers import (
@@ -222,14 +223,13 @@ def test_malformed_sparse_replies_change_nothing(
     strategy = topk_strategy
     arrays, match = MALFORMED_SPARSE.get(case, HUGE)
     reasons: list[str] = []
-    reject = strategy.reject
+    reject = ReplyCheck.reject
     monkeypatch.setattr(
-        strategy, "reject", lambda *a: (reasons.append(a[2]), reject(*a))
+        ReplyCheck, "reject", lambda s, *a: (reasons.append(a[2]), reject(s, *a))
     )
     before = snapshot(strategy)
-    strategy.rejected = 0
-    apply(strategy, sparse_reply(arrays), mode)
-    assert strategy.rejected == 1 and re.search(match, reasons[0]), reasons
+    check = apply(strategy, sparse_reply(arrays), mode)
+    assert check.rejected == 1 and re.search(match, reasons[0]), reasons
     assert_same(before, snapshot(strategy))
 
 
@@ -239,9 +239,9 @@ def test_a_sparse_reply_acts_exactly_like_its_dense_delta():
     dense = decode_update(arrays, P.DELTA, K, "topk", FRACTION)
     sparse_side, dense_side = hn_strategy("topk"), hn_strategy("fp32")
     start = snapshot(dense_side)
-    apply(sparse_side, sparse_reply(arrays), "sequential")
-    apply(dense_side, reply(delta=dense), "sequential")
-    assert sparse_side.rejected == dense_side.rejected == 0
+    sparse_check = apply(sparse_side, sparse_reply(arrays), "sequential")
+    dense_check = apply(dense_side, reply(delta=dense), "sequential")
+    assert sparse_check.rejected == dense_check.rejected == 0
     assert_same(snapshot(sparse_side), snapshot(dense_side))
     changed = snapshot(dense_side)[0]["embeddings.a"]
     assert not torch.equal(start[0]["embeddings.a"], changed)

@@ -21,7 +21,7 @@ from common import protocol as P
 from common.flat import flatten_params
 from common.models import build_model
 
-from ..registry import ClientRegistry
+from ..engine.registry import ClientRegistry
 from . import register_strategy
 from .averaging import AveragingStrategy
 

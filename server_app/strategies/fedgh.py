@@ -48,7 +48,7 @@ from torch import nn
 from common import protocol as P
 from common.flat import flatten_params
 
-from ..registry import ClientInfo
+from ..engine.registry import ClientInfo
 from . import register_strategy
 from .prototypes import (
     ClientPrototypes,

@@ -70,6 +70,7 @@ Deviations from HtFLlib (``clientkd.py``, ``serverkd.py``, ``main.py``):
 from __future__ import annotations
 
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -79,15 +80,16 @@ from common import lowrank
 from common import protocol as P
 from common.models import build_model
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Dense, Expect, Reply
 from . import register_strategy
 from .aggregate import weighted_mean
-from .base import HeteroStrategy
+from .base import Algorithm
 from .fedavg import initial_model_vector
 
 
 @register_strategy("fedkd")
-class FedKD(HeteroStrategy):
+class FedKD(Algorithm):
     """Example-weighted average of SVD-compressed students."""
 
     checkpoint_attributes = ("vector", "factors", "ranks")
@@ -138,29 +140,21 @@ class FedKD(HeteroStrategy):
         """Nothing: evaluation uses the kept personal model only."""
         return RecordDict()
 
-    def uploaded_student(
-        self, client: ClientInfo, content: RecordDict
-    ) -> np.ndarray | None:
-        """The student a reply encodes, rebuilt; None (logged) if malformed."""
-        factors = self.reply_array(client, content, lowrank.FACTORS)
-        if factors is None:
-            return None
-        try:
-            ranks = content[P.ARRAYS][lowrank.RANKS].numpy()
-            return lowrank.decompress(factors, ranks, self.shapes)
-        except (KeyError, TypeError, ValueError) as err:
-            log(WARNING, "client %s: unusable compressed student rejected (%s)",
-                client.name, err)  # fmt: skip
-            return None
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``shared-factors`` (floats) and ``shared-ranks`` (integers)."""
+        return {
+            lowrank.FACTORS: Dense((None,)),
+            lowrank.RANKS: Dense(integer=True),
+        }
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
-        uploads = []
-        for client, content in replies:
-            student = self.uploaded_student(client, content)
-            if student is not None:
-                uploads.append((student, self.num_examples(content)))
+    def read_reply(self, client: ClientInfo, arrays: dict[str, Any]) -> dict[str, Any]:
+        """The student the factors encode, rebuilt (``ValueError`` if they do
+        not fit its shapes)."""
+        factors, ranks = arrays[lowrank.FACTORS], arrays[lowrank.RANKS]
+        return {P.SHARED: lowrank.decompress(factors, ranks, self.shapes)}
+
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
+        uploads = [(r.arrays[P.SHARED], r.num_examples) for r in replies]
         if not uploads:
             log(WARNING, "round %d: no usable student; unchanged", server_round)
             return

@@ -56,7 +56,7 @@ from flwr.app import RecordDict
 from common import protocol as P
 from common.config import ConfigError
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
 from . import register_strategy
 from .averaging import AveragingStrategy
 from .fedavg import initial_model_vector

@@ -32,8 +32,8 @@ from flwr.common.logger import log
 from common.flat import trainable_params
 from common.models import build_model
 
+from ..engine.registry import ClientRegistry
 from ..pfedhn_net import PerTensorHyperNetwork
-from ..registry import ClientRegistry
 from . import register_strategy
 from .mh_pfedhn import MHPFedHN
 
