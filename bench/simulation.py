@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tools.superlink import SimulationSuperLink, _descendants
+from tools.processes import descendants
+from tools.superlink import SimulationSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 PROC = Path("/proc")
@@ -172,7 +173,7 @@ def process_kind(argv: list[str]) -> str:
 
 def sample(root: int, proc: Path = PROC, pss: bool = True) -> list[dict[str, Any]]:
     """One reading of every live descendant of ``root``."""
-    found = (read_process(pid, proc, pss) for pid in _descendants(root))
+    found = (read_process(pid, proc, pss) for pid in descendants(root))
     return [p for p in found if p is not None]
 
 

@@ -16,12 +16,14 @@ whole handling of a message, restored afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
-from common.config import RunConfig, load_run_config
+from common.config import load_run_config
 from common.threads import intra_op_threads
 
 from . import persist
@@ -31,11 +33,15 @@ from .trainers import ClientTrainer, build_trainer
 app = ClientApp()
 
 
-def _trainer(context: Context, cfg: RunConfig) -> ClientTrainer:
-    """This client (identity, model, data, kept state) and its strategy's trainer."""
-    persist.restore(context, client_name(context))
-    client = LocalClient.from_context(context, cfg)
-    return build_trainer(cfg.strategy, client, context.state)
+@contextmanager
+def _trainer(context: Context) -> Iterator[ClientTrainer]:
+    """This client (identity, model, data, kept state) and its strategy's trainer,
+    built and used on run-config ``client-threads`` intra-op threads."""
+    cfg = load_run_config(context.run_config)
+    with intra_op_threads(cfg.client_threads):
+        persist.restore(context, client_name(context))
+        client = LocalClient.from_context(context, cfg)
+        yield build_trainer(cfg.strategy, client, context.state)
 
 
 def _round(message: Message) -> int:
@@ -54,9 +60,7 @@ def query(message: Message, context: Context) -> Message:
     """Handshake: name, parameter count, example counts, the task's class and
     channel counts and whether the client joins after training; nothing about
     its architecture."""
-    cfg = load_run_config(context.run_config)
-    with intra_op_threads(cfg.client_threads):
-        trainer = _trainer(context, cfg)
+    with _trainer(context) as trainer:
         client = trainer.client
         content = trainer.reply(
             {
@@ -79,9 +83,7 @@ def train(message: Message, context: Context) -> Message:
     training (the previous round's evaluation, carried by this message).
     """
     cpu_start = time.process_time()
-    cfg = load_run_config(context.run_config)
-    with intra_op_threads(cfg.client_threads):
-        trainer = _trainer(context, cfg)
+    with _trainer(context) as trainer:
         client = trainer.client
         evaluation = None
         if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
@@ -98,7 +100,6 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
     cpu_start = time.process_time()
-    cfg = load_run_config(context.run_config)
-    with intra_op_threads(cfg.client_threads):
-        content = _trainer(context, cfg).evaluate(message.content, _round(message))
+    with _trainer(context) as trainer:
+        content = trainer.evaluate(message.content, _round(message))
     return _answer(message, content, cpu_start)

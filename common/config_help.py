@@ -71,10 +71,9 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "client-threads": (
         "intra-op threads torch uses for each client message; 0 keeps the "
         "process's own (all cores of a SuperNode; 1 per simulated client, as "
-        "Ray sets it for `client-resources-num-cpus = 1`). 2 lets a simulated "
-        "client use a core its neighbour leaves idle (the threads of clients "
-        "that run at once then share the cores, and wait passively): 5-model "
-        "rounds about 13% faster on 2 cores, but float results depend on the "
+        "Ray sets it for `client-resources-num-cpus = 1`). More threads than "
+        "cores per running client oversubscribes them: on 2 cores, 2 threads "
+        "per client made 5-model rounds 11% slower. Float results depend on the "
         "thread count, so runs with different values differ in the last bits "
         "and then diverge. See [Benchmarks](BENCHMARKS.md#round-speed-5-models)"
     ),

@@ -2,15 +2,10 @@
 
 torch's CPU kernels run on a GNU OpenMP (libgomp) thread pool. Between two
 parallel regions an idle pool thread by default *spins* for about 300,000
-iterations before it sleeps. That is free on an otherwise idle machine and ruinous
+iterations before it sleeps. That is free on an otherwise idle machine and costly
 when the pool shares its cores with other busy processes (other simulated
-ClientApps, the ServerApp, other jobs): a spinning thread holds a core that the
-thread it waits for needs, so every barrier waits for the scheduler. Measured on
-our 2-core development VM while other jobs ran (docs/BENCHMARKS.md, "Round speed
-(5 models)"): one ResNet12 training step on 2 threads ran at 0.04 batches/s with
-the default policy and at 0.6-0.8 with ``OMP_WAIT_POLICY=PASSIVE`` (1 thread:
-0.3); the authors' script, 2 threads and default policy, spent 128 s of a round in
-the hypernetwork's Adam steps under that load and 1.1 s without it.
+ClientApps, the ServerApp): a spinning thread holds a core that the thread it
+waits for needs, so every barrier waits for the scheduler.
 
 libgomp reads the variable once, when torch is imported, so
 :func:`prefer_passive_wait` must run before the first ``import torch`` of the

@@ -58,6 +58,7 @@ BIN = Path(sys.executable).parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools import processes  # noqa: E402
 from tools.superlink import SimulationSuperLink, as_overrides, free_port  # noqa: E402
 
 CONNECTION = "deploy"
@@ -114,21 +115,21 @@ class Processes:
         """
         if name not in self.procs:
             return
-        proc, pgid = self.procs.pop(name)
-        children = _descendants(proc.pid)
-        _signal_group(pgid, signal.SIGTERM)
+        proc, group = self.procs.pop(name)
+        children = processes.identities(processes.descendants(proc.pid))
+        processes.signal_group(group, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            _signal_group(pgid, signal.SIGKILL)
+            processes.signal_group(group, signal.SIGKILL)
             proc.wait(timeout=10)
         # Children (a ClientApp mid-message, the SuperExec) may outlive the leader.
         deadline = time.monotonic() + 5.0
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while processes.group_alive(group) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _group_alive(pgid):
-            _signal_group(pgid, signal.SIGKILL)
-        _stop_children(children)
+        if processes.group_alive(group):
+            processes.signal_group(group, signal.SIGKILL)
+        processes.stop_family(children)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.procs)):
@@ -136,65 +137,6 @@ class Processes:
                 self.stop(name)
             except Exception as err:  # noqa: BLE001 - keep stopping the others
                 print(f"could not stop {name}: {err}", file=sys.stderr)
-
-
-def _cmdline(pid: int) -> bytes | None:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-
-
-def _descendants(pid: int) -> dict[int, bytes]:
-    """Descendants of ``pid`` with their command lines (Linux ``/proc``)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = {}, [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if (cmd := _cmdline(child)) is not None:
-                found[child] = cmd
-                todo.append(child)
-    return found
-
-
-def _stop_children(children: dict[int, bytes]) -> None:
-    """Stop those of ``children`` still running (same pid and command line)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid, cmd in children.items() if _cmdline(pid) == cmd]
-        for pid in alive:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5.0
-        while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if _cmdline(pid) == children[pid]]
-            time.sleep(0.2)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float, poll=0.5):

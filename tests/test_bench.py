@@ -194,9 +194,9 @@ def test_sample_reads_the_descendants(tmp_path, monkeypatch):
     fake_process(proc, 200, 1, ["/bin/bash"], rss=10, hwm=10, pss=5)
     import bench.simulation as simulation
 
-    # the process tree itself comes from tools.superlink._descendants (real /proc)
+    # the process tree itself comes from tools.processes.descendants (real /proc)
     monkeypatch.setattr(
-        simulation, "_descendants", lambda pid: {1: [100, 101, 200], 100: [101]}[pid]
+        simulation, "descendants", lambda pid: {1: [100, 101, 200], 100: [101]}[pid]
     )
     assert [p["pid"] for p in sample(100, proc)] == [101]
     assert {p["kind"] for p in sample(1, proc)} == {

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_learnable_imagefolder
-from tools.superlink import SimulationSuperLink, _descendants
+from tools.processes import descendants
+from tools.superlink import SimulationSuperLink
 
 pytestmark = pytest.mark.e2e
 
@@ -44,7 +45,7 @@ def test_server_killed_mid_run_resumes_from_checkpoint(tmp_path):
         """Kill the process hosting the ServerApp after round 2's checkpoint."""
         if killed or "round 2: checkpoint written" not in line:
             return
-        for pid in _descendants(link.proc.pid):
+        for pid in descendants(link.proc.pid):
             if "flwr-simulation" in _cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

@@ -497,11 +497,11 @@ def test_the_guide_links_only_existing_files():
             assert (ROOT / path).exists(), path
 
 
-def test_the_app_bundle_ships_the_app_code_and_leaves_docs_out(tmp_path):
-    """pyproject's fab-include/fab-exclude: what `flwr run` sends every SuperNode.
+def test_the_app_bundle_ships_the_app_code_and_nothing_else(tmp_path):
+    """pyproject's fab-include: what `flwr run` sends every SuperNode.
 
-    docs/ holds the committed comparison records (json/jsonl), which must not travel
-    with every run; every module of the three app packages must.
+    Every module of the three app packages and pyproject.toml; no tests,
+    benchmarks, tools, scripts, docs (the committed records) or README.
     """
     import zipfile
 
@@ -525,4 +525,7 @@ def test_the_app_bundle_ships_the_app_code_and_leaves_docs_out(tmp_path):
     }
     assert code and not code - names, sorted(code - names)
     assert "pyproject.toml" in names
-    assert not [name for name in names if name.startswith("docs/")]
+    shipped = {name.split("/")[0] for name in names if not name.startswith(".info/")}
+    assert shipped == {"pyproject.toml", "common", "server_app", "client_app"}
+    assert all(name.endswith(".py") for name in names if "/" in name and
+               not name.startswith(".info/"))  # fmt: skip

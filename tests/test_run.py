@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from common.datasets.cache import CACHE_DIRNAME
 from tests.conftest import SHARED_DATA
+from tests.helpers import write_learnable_imagefolder
 from tools import run as launcher
 from tools.superlink import APP
 
 
 def image_folder(root: Path) -> Path:
-    """The smallest data folder the launcher's check accepts (imagefolder)."""
-    (root / "train" / "a").mkdir(parents=True)
-    return root
+    """A small image folder the launcher decodes (imagefolder, 2 classes)."""
+    return write_learnable_imagefolder(root, 2, 3)
 
 
 def main(capsys, *args: str) -> tuple[int, str, str]:
@@ -94,6 +95,21 @@ def test_missing_data_is_one_message_and_no_folder_is_left(capsys, tmp_path):
     assert err.count("Dataset 'cifar10' not found") == 1
     assert str(missing) in err and "Traceback" not in err
     assert not missing.exists()
+
+
+def test_data_is_decoded_before_flower_and_a_corrupt_image_fails_there(
+    capsys, tmp_path, data
+):
+    code, _, err = main(capsys, *overrides(data, "strategy='nope'"))
+    assert code == 2  # config errors come before the data is read
+    folder = Path(data[1])
+    assert not (folder / CACHE_DIRNAME).exists()
+    bad = folder / "train" / "class01" / "1.png"
+    bad.write_bytes(b"not an image")
+    code, out, err = main(capsys, *overrides(data, ""))
+    assert code == 2 and out.count("\n") == 0, out
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "1.png" in err and "Traceback" not in err
 
 
 def test_bad_clients_setting_and_federation(capsys, tmp_path, data):

@@ -259,18 +259,36 @@ def _hypernet_from(given: str, value: str) -> None:
 
 def _check_data(cfg: Any) -> Path:
     """Where the dataset is (downloaded here, once, when missing and allowed)."""
-    from common.datasets import DatasetNotFoundError, locate_train_split
+    from common.datasets import (
+        DatasetNotFoundError,
+        load_train_arrays,
+        locate_train_split,
+    )
 
     folder = absolute(cfg.data_dir)
     existed = folder.exists()
     try:
-        return locate_train_split(
+        source = locate_train_split(
             cfg.dataset, folder, cfg.download, emnist_split=cfg.emnist_split
         )
     except DatasetNotFoundError as err:
         if not existed and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # made by the failed download attempt
         raise LaunchError(str(err)) from None
+    # Decoded here, once, with progress lines, rather than silently in the first
+    # ClientApp while the others wait; a corrupt file fails before Ray starts.
+    start = time.perf_counter()
+    try:
+        images, _, _ = load_train_arrays(
+            cfg.dataset, folder, cfg.download, emnist_split=cfg.emnist_split
+        )
+    except (DatasetNotFoundError, ValueError, OSError) as err:
+        raise LaunchError(f"data-dir {folder}: {err}") from None
+    seconds = time.perf_counter() - start
+    state = "decoded and cached" if seconds > 1 else "from its cache"
+    print(f"data: {len(images):,} {cfg.dataset} training images, {state} "
+          f"({seconds:.1f} s)", flush=True)  # fmt: skip
+    return source
 
 
 def prepare(args: argparse.Namespace) -> Launch:
@@ -409,7 +427,13 @@ def execute(launch: Launch) -> int:
     link = SimulationSuperLink(workdir)
     code: int | None = None
     try:
+        print("starting a private SuperLink (its own FLWR_HOME and port)", flush=True)
         link.start()
+        print(
+            f"starting the simulation: Ray and {launch.num_supernodes} virtual "
+            "SuperNodes, then the handshake and round 1 (Ray's start takes 10-30 s)",
+            flush=True,
+        )
         code, _ = link.run_logged(
             launch.overrides,
             launch.num_supernodes,

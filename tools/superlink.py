@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tools import processes
+
 BIN = Path(sys.executable).parent
 APP = Path(__file__).resolve().parents[1]
 #: Name of the SuperLink connection in the private ``FLWR_HOME/config.toml``.
@@ -80,7 +82,7 @@ class SimulationSuperLink:
                 "--simulation",
                 "--isolation",
                 "subprocess",
-                # Flower 1.41 serves the Control, Fleet and runtime APIs on one port.
+                # Flower 1.42 serves the Control, Fleet and runtime APIs on one port.
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -221,76 +223,15 @@ class SimulationSuperLink:
         """
         if self.proc is None or self.proc.poll() is not None:
             return
-        pids = [self.proc.pid, *_descendants(self.proc.pid)]
-        family = [ident for ident in map(_identity, pids) if ident is not None]
-        groups = {pgid for pgid in map(_pgid, pids) if pgid is not None}
+        pids = [self.proc.pid, *processes.descendants(self.proc.pid)]
+        family = processes.identities(pids)
+        groups = {group for group in map(processes.pgid, pids) if group is not None}
         groups.discard(os.getpgrp())  # never our own (or our caller's) group
-        for pgid in groups:
-            _signal_group(pgid, signal.SIGTERM)
+        for group in groups:
+            processes.signal_group(group, signal.SIGTERM)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            _signal_group(os.getpgid(self.proc.pid), signal.SIGKILL)
+            processes.signal_group(os.getpgid(self.proc.pid), signal.SIGKILL)
             self.proc.wait(timeout=10)
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline and _running(family):
-            time.sleep(0.2)
-        for pid in _running(family):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/<pid>/stat`` after the command name (Linux), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2 :].split()
-
-
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (empty where /proc is missing)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = _proc_stat(int(entry.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _identity(pid: int) -> tuple[int, str] | None:
-    """``(pid, start time)``: stays valid even if the PID is reused later."""
-    fields = _proc_stat(pid)
-    return None if fields is None else (pid, fields[19])
-
-
-def _running(family: list[tuple[int, str]]) -> list[int]:
-    """PIDs of ``family`` that still run: same start time, not a zombie."""
-    alive = []
-    for pid, started in family:
-        fields = _proc_stat(pid)
-        if fields is not None and fields[19] == started and fields[0] != "Z":
-            alive.append(pid)
-    return alive
+        processes.stop_family(family, grace=15.0)
