@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from common.config import load_run_config
-from common.machine import describe as describe_machine
 from server_app.strategies import available_strategies
 from tools import compare, report
+from tools.machine import describe as describe_machine
 from tools.preset import PresetError, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]

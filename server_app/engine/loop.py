@@ -18,21 +18,19 @@ from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import protocol as P
 
-from ..checkpoint import CHECKPOINT_FILE, FORMAT, write_checkpoint
 from ..results import RunResults
+from . import checkpointing
 from .carry import CarriedEvaluation
 from .costs import Costs
 from .exchange import InOrder, exchange
 from .progress import Progress
 from .registry import (
-    ClientInfo,
     ClientRegistry,
     HandshakeError,
     handshake,
@@ -89,7 +87,7 @@ class Engine:
             if checkpoint is None:
                 self.algorithm.start(self.clients)
             else:
-                self.restore(checkpoint)
+                checkpointing.restore(self, checkpoint)
                 first, self.carry.waiting = (
                     checkpoint["round"] + 1,
                     checkpoint["waiting"],
@@ -158,7 +156,7 @@ class Engine:
                 evaluation = self.evaluate(grid, rnd)
                 record = self.costs.record(record, t0)
                 self.progress.finish_round(results, record, evaluation)
-            self.save_checkpoint(results, rnd)
+            checkpointing.save_if_due(self, results, rnd)
 
     # -- configure ---------------------------------------------------------------
     @property
@@ -346,65 +344,3 @@ class Engine:
         """(Re)write ``clients.json`` from the registry and the algorithm's details."""
         details = self.algorithm.client_details
         results.write_clients([c.to_json() | details(c) for c in self.clients])
-
-    # -- checkpoints -------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Random generators, then the algorithm's :meth:`state_dict`."""
-        return {
-            "rng": self.rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(),
-            **self.algorithm.state_dict(),
-        }
-
-    def save_checkpoint(self, results: RunResults, server_round: int) -> None:
-        """Write ``checkpoint.pt`` when ``checkpoint-every`` says so."""
-        every, last = self.cfg.checkpoint_every, self.cfg.num_server_rounds
-        due = server_round % every == 0 or server_round == last if every else False
-        if not due or self.progress.phase != "train":
-            return
-        start = time.perf_counter()
-        write_checkpoint(
-            results.path / CHECKPOINT_FILE,
-            {
-                "format": FORMAT,
-                "strategy": self.algorithm.name,
-                "config": self.cfg.flat(),
-                "round": server_round,
-                "waiting": self.carry.waiting,
-                "metrics": list(results.records),
-                "clients": [
-                    {k: v for k, v in c.to_json().items() if k != "node_id"}
-                    for c in self.clients
-                ],
-                "state": self.state_dict(),
-            },
-        )
-        log(INFO, "round %d: checkpoint written in %.2f s", server_round,
-            time.perf_counter() - start)  # fmt: skip
-
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the registry and the state of a checkpoint, then add newcomers.
-
-        Clients of the checkpoint take the node ids of the live handshake; one
-        that is not connected keeps its state and waits (node id 0) until it
-        reconnects. A live client the checkpoint does not know joins fresh.
-        """
-        saved = ClientRegistry(
-            ClientInfo(**(c | {"node_id": 0})) for c in checkpoint["clients"]
-        )
-        live = self.clients
-        newcomers = [c for c in live if c.name not in saved]
-        saved.merge(ClientRegistry(c for c in live if c.name in saved), set())
-        self.clients = saved
-        self.algorithm.start(saved)
-        state = checkpoint["state"]
-        self.rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        self.algorithm.load_state_dict(state)
-        for info in newcomers:
-            saved.add(info)
-            self.algorithm.register(info.name, info.num_params)
-        absent = [c.name for c in saved if c.node_id == 0]
-        if absent:
-            log(WARNING, "resumed without clients %s; they rejoin when they "
-                "reconnect", absent)  # fmt: skip

@@ -2,7 +2,7 @@
 ICML 2021): the homogeneous hypernetwork MH-pFedHN extends.
 
 One embedding vector per client, a shared MLP and one linear head per target
-tensor (:mod:`server_app.pfedhn_net`). The round is MH-pFedHN's (same client
+tensor (:mod:`server_app.hypernet.per_tensor`). The round is MH-pFedHN's (same client
 trainer, same ``hn-update`` / ``hn-window`` scheduling): the client trains the
 generated ``theta_i`` and answers ``delta_i = theta_i - theta_i_trained``; the
 server takes the VJP ``(d theta_i / d phi)^T delta_i``, clips it to
@@ -33,7 +33,7 @@ from common.flat import trainable_params
 from common.models import build_model
 
 from ..engine.registry import ClientRegistry
-from ..pfedhn_net import PerTensorHyperNetwork
+from ..hypernet import PerTensorHyperNetwork
 from . import register_strategy
 from .mh_pfedhn import MHPFedHN
 
