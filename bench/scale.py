@@ -140,14 +140,14 @@ def _strategy_child(num_clients: int, rounds: int, fraction: float) -> None:
 
     torch.set_num_threads(1)
     cfg = load_run_config({"data-dir": "/nonexistent", "fraction-train": fraction})
-    strategy = MHPFedHN(cfg)
+    strategy = MHPFedHN.from_config(cfg)
     before = rss_mb()
     clients = ClientRegistry(
         ClientInfo(name=f"client-{i}", node_id=i + 1, num_params=234006,
                    num_train=37, num_test=13, num_classes=10, in_channels=3)
         for i in range(num_clients)
     )  # fmt: skip
-    engine = Engine(strategy)
+    engine = Engine(strategy, cfg)
     engine.clients = clients
     strategy.start(clients)
     for _ in range(rounds):

@@ -25,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
     checkpoint = None
     try:
         cfg = load_run_config(context.run_config)
-        engine = Engine(build_strategy(cfg))
+        engine = Engine(build_strategy(cfg), cfg)
         if cfg.resume_from:  # checked before anything is written
             path = checkpoint_path(cfg.resume_from, cfg.results_dir)
             checkpoint = read_checkpoint(path)

@@ -116,9 +116,9 @@ def run(config: dict, num_nodes: int, strategy=None, engine=Engine, **grid_kwarg
     and the rows of ``metrics.jsonl``."""
     cfg = load_run_config(config)
     grid = InProcessGrid(config, num_nodes, **grid_kwargs)
-    strategy = strategy(cfg) if strategy else build_strategy(cfg)
+    strategy = strategy.from_config(cfg) if strategy else build_strategy(cfg)
     results = RunResults.create(cfg)
-    engine(strategy).start(grid, results)
+    engine(strategy, cfg).start(grid, results)
     results.finish()
     rows = [
         json.loads(x) for x in (results.path / "metrics.jsonl").read_text().splitlines()
@@ -202,15 +202,19 @@ def assert_same(before, after) -> None:
             assert torch.equal(value, new[index][name]), (index, name)
 
 
-def checker(strategy) -> ReplyCheck:
-    """The engine's reply validation for ``strategy`` (``rejected`` counts)."""
-    return Engine(strategy).check
+def checker(strategy, cfg=None) -> ReplyCheck:
+    """The engine's reply validation for ``strategy`` under ``cfg`` (default: the
+    defaults) (``rejected`` counts)."""
+    return Engine(strategy, cfg or load_run_config({"strategy": strategy.name})).check
 
 
-def validate(strategy, messages, clients=None) -> tuple[list[Reply], ReplyCheck]:
+def validate(
+    strategy, messages, clients=None, cfg=None
+) -> tuple[list[Reply], ReplyCheck]:
     """Round-1 train replies ``messages`` as the engine accepts them (from the
-    clients of :func:`registry` unless told), and the check that counted."""
-    check = checker(strategy)
+    clients of :func:`registry` unless told) under ``cfg``, and the check that
+    counted."""
+    check = checker(strategy, cfg)
     check.server_round = 1
     return check.messages(clients or registry(), messages, "train"), check
 
@@ -222,11 +226,11 @@ def validated(strategy, pairs) -> tuple[list[Reply], ReplyCheck]:
     return [r for r in replies if r is not None], check
 
 
-def apply(strategy, message, mode: str) -> ReplyCheck:
+def apply(strategy, message, mode: str, cfg=None) -> ReplyCheck:
     """Validate ``message`` as a round-1 train reply and apply what passes, one
     reply at a time (``sequential``) or as a round's batch (``mean``); return
     the check (its ``rejected`` counts the rejections)."""
-    valid, check = validate(strategy, [message])
+    valid, check = validate(strategy, [message], cfg=cfg)
     if mode == "sequential":
         for reply in valid:
             strategy.apply_train_reply(1, reply)

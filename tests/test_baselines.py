@@ -70,7 +70,7 @@ def info(name: str) -> ClientInfo:
 def test_averaging_by_hand():
     """FedAvg: w - sum n_i d_i / sum n_i; LG-FedAvg: the weighted mean head;
     a malformed reply is skipped without touching the vector."""
-    avg = FedAvg(load_run_config({"strategy": "fedavg"}))
+    avg = FedAvg.from_config(load_run_config({"strategy": "fedavg"}))
     avg.vector = np.array([1.0, 1.0, 1.0], np.float32)
     avg.apply_train_replies(
         1,
@@ -85,7 +85,7 @@ def test_averaging_by_hand():
         )[0],
     )
     np.testing.assert_allclose(avg.vector, [0.75, 1.0, -1.25])
-    lg = LGFedAvg(load_run_config({"strategy": "lg-fedavg"}))
+    lg = LGFedAvg.from_config(load_run_config({"strategy": "lg-fedavg"}))
     lg.apply_train_replies(
         1,
         validated(

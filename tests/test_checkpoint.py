@@ -56,7 +56,7 @@ def start(
                 raise Crash(f"killed in round {server_round}")
             return super().train_round(grid, server_round, evaluate_first)
 
-    strategy = STRATEGIES[cfg.strategy](cfg)
+    strategy = STRATEGIES[cfg.strategy].from_config(cfg)
     checkpoint = None
     if cfg.resume_from:
         path = checkpoint_path(cfg.resume_from, cfg.results_dir)
@@ -69,7 +69,7 @@ def start(
         results = RunResults.create(cfg)
     try:
         grid = grid or InProcessGrid(config, num_nodes)
-        Crashing(strategy).start(grid, results, checkpoint)
+        Crashing(strategy, cfg).start(grid, results, checkpoint)
     finally:
         results.finish()
     return strategy, results, grid
@@ -189,14 +189,14 @@ def test_optimizer_state_loads_by_name_and_refuses_other_parameters():
     """Saved by name, the state lands on the same-named parameters whatever the
     registration order; a changed chunk count is refused, naming the parameters."""
     cfg = load_run_config({"chunk-size": 8, "embed-dim": 4, "hidden-dim": 4})
-    source = STRATEGIES["mh-pfedhn"](cfg)
+    source = STRATEGIES["mh-pfedhn"].from_config(cfg)
     for name, size in [("a", 20), ("c", 20), ("b", 30)]:
         source.register(name, size)
     for name in ("a", "c", "b"):
         source.hn_step([(name, torch.randn(source.hn.num_params[name]), 1.0)])
     saved = pack_optimizer(source.optimizer, source.hn)
 
-    target = STRATEGIES["mh-pfedhn"](cfg)
+    target = STRATEGIES["mh-pfedhn"].from_config(cfg)
     for name, size in [("a", 20), ("b", 30), ("c", 20)]:
         target.register(name, size)
     load_optimizer(target.optimizer, target.hn, saved)
@@ -205,7 +205,7 @@ def test_optimizer_state_loads_by_name_and_refuses_other_parameters():
         for key, value in state.items():
             assert torch.equal(named_optimizer_state(target)[name][key], value)
 
-    other = STRATEGIES["mh-pfedhn"](cfg)
+    other = STRATEGIES["mh-pfedhn"].from_config(cfg)
     for name, size in [("a", 20), ("b", 40), ("c", 20)]:  # b: 5 chunks, not 4
         other.register(name, size)
     with pytest.raises(

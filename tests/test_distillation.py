@@ -79,8 +79,8 @@ def test_fml_mutual_losses_by_hand():
 
 def test_fml_refuses_weights_outside_unit_interval():
     with pytest.raises(ConfigError, match="'fml-alpha' = 1.5"):
-        FML(load_run_config({"strategy": "fml", "fml-alpha": 1.5}))
-    assert FML(load_run_config({"strategy": "fml", "fml-beta": 0.5}))
+        FML.from_config(load_run_config({"strategy": "fml", "fml-alpha": 1.5}))
+    assert FML.from_config(load_run_config({"strategy": "fml", "fml-beta": 0.5}))
 
 
 def test_mutual_learning_clips_each_model_on_its_own():
@@ -212,7 +212,9 @@ def info(name: str, classes: int = 3) -> ClientInfo:
 
 
 def test_fedkd_server_averages_rebuilt_students_and_recompresses():
-    strategy = FedKD(load_run_config({"strategy": "fedkd", "num-server-rounds": 3}))
+    strategy = FedKD.from_config(
+        load_run_config({"strategy": "fedkd", "num-server-rounds": 3})
+    )
     strategy.shapes = [(6, 20), (6,)]
     rng = np.random.default_rng(1)
     base = (rng.normal(size=(6, 1)) @ rng.normal(size=(1, 20))).ravel()
@@ -264,7 +266,7 @@ def test_fd_regulariser_by_hand_and_htfllib_gradient():
 
 
 def test_fd_server_class_means_by_hand():
-    strategy = FedDistill(load_run_config({"strategy": "fd"}))
+    strategy = FedDistill.from_config(load_run_config({"strategy": "fd"}))
     strategy.num_classes = 3
     assert not strategy.train_payload(info("a"), 1).array_records
     t1 = np.float32([[1, 1, 1], [4, 0, 0], [0, 0, 0]])

@@ -23,8 +23,8 @@ def at_round(change):
     class Changing(Engine):
         last = None
 
-        def __init__(self, algorithm):
-            super().__init__(algorithm)
+        def __init__(self, algorithm, cfg):
+            super().__init__(algorithm, cfg)
             Changing.last = self
 
         def admit_new_nodes(self, grid, results):

@@ -139,7 +139,7 @@ def clients(*names: str, classes: int = 3) -> list[ClientInfo]:
 
 
 def strategy(cls, infos: list[ClientInfo], **config):
-    s = cls(load_run_config({"strategy": cls.name, **config}))
+    s = cls.from_config(load_run_config({"strategy": cls.name, **config}))
     s.setup(ClientRegistry(infos))
     return s
 

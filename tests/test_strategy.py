@@ -26,8 +26,8 @@ def folder(tmp_path_factory) -> Path:
 class SeparateEvaluation(Engine):
     """The same engine, but every evaluation in its own message exchange."""
 
-    def __init__(self, algorithm):
-        super().__init__(algorithm)
+    def __init__(self, algorithm, cfg):
+        super().__init__(algorithm, cfg)
         self.carry.carries = lambda *args: False
 
 
@@ -149,7 +149,7 @@ def test_windowed_sequential_round_replays_exactly(folder, tmp_path, window):
     }
     names = {1000 + i: f"client-{i}" for i in range(4)}
     width = window or len(sent)
-    replay = MHPFedHN(load_run_config(config))
+    replay = MHPFedHN.from_config(load_run_config(config))
     for name in sorted(names.values()):
         replay.register(name, strategy.hn.num_params[name])
     for j, message in enumerate(sent):
@@ -198,7 +198,7 @@ def test_min_train_clients_holds_in_sequential_rounds(folder, tmp_path):
     cfg = config | {"run-name": "ten", "num-server-rounds": 1, "min-train-clients": 10}
     ten, *_ = run(cfg, 3)
     assert not ten.optimizer.state  # three steps taken, all undone
-    fresh = MHPFedHN(load_run_config(cfg))
+    fresh = MHPFedHN.from_config(load_run_config(cfg))
     fresh.setup(ten.clients)
     for key, value in fresh.hn.state_dict().items():
         assert torch.equal(ten.hn.state_dict()[key], value), key

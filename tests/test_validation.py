@@ -29,11 +29,13 @@ from tests.helpers import (
     validate,
 )
 
+#: The run config of :func:`hn_strategy`; the engine's checks read it too.
+HN_CONFIG = {"chunk-size": 16, "max-delta-norm": 100.0}
+
 
 @pytest.fixture(scope="module")
 def hn_strategy() -> MHPFedHN:
-    cfg = load_run_config({"chunk-size": 16, "max-delta-norm": 100.0})
-    strategy = MHPFedHN(cfg)
+    strategy = MHPFedHN.from_config(load_run_config(HN_CONFIG))
     strategy.clients = registry()
     strategy.setup(strategy.clients)
     # One real step so that the optimizer has state to compare.
@@ -91,13 +93,13 @@ malformed = st.one_of(
 def test_malformed_replies_change_nothing(hn_strategy, message, mode):
     strategy = hn_strategy
     before = snapshot(strategy)
-    assert apply(strategy, message, mode).rejected == 1
+    assert apply(strategy, message, mode, load_run_config(HN_CONFIG)).rejected == 1
     assert_same(before, snapshot(strategy))
 
 
 def test_a_good_reply_still_updates(hn_strategy):
     before = snapshot(hn_strategy)
-    valid, _ = validate(hn_strategy, [reply()])
+    valid, _ = validate(hn_strategy, [reply()], cfg=load_run_config(HN_CONFIG))
     assert len(valid) == 1
     hn_strategy.apply_train_reply(1, valid[0])
     changed = hn_strategy.hn.state_dict()["embeddings.a"]
@@ -107,19 +109,20 @@ def test_a_good_reply_still_updates(hn_strategy):
 @settings(max_examples=30, deadline=None)
 @given(delta=bad_delta(SIZES["a"]))
 def test_fedavg_ignores_bad_deltas(delta):
-    strategy = FedAvg(load_run_config({"strategy": "fedavg", "max-delta-norm": 100}))
+    cfg = load_run_config({"strategy": "fedavg", "max-delta-norm": 100})
+    strategy = FedAvg.from_config(cfg)
     strategy.vector = np.arange(50, dtype=np.float32)
-    valid, check = validate(strategy, [reply(delta=delta)])
+    valid, check = validate(strategy, [reply(delta=delta)], cfg=cfg)
     assert not valid and check.rejected == 1
     assert np.array_equal(strategy.vector, np.arange(50, dtype=np.float32))
 
 
 def test_too_few_replies_skip_the_update(monkeypatch):
     cfg = load_run_config({"strategy": "fedavg", "min-train-clients": 2})
-    strategy = FedAvg(cfg)
+    strategy = FedAvg.from_config(cfg)
     strategy.clients = registry()
     strategy.vector = np.zeros(50, np.float32)
-    engine = Engine(strategy)
+    engine = Engine(strategy, cfg)
     engine.clients = registry()
     valid = engine.aggregate_train(1, [reply(), reply(error=True)])
     assert np.array_equal(strategy.vector, np.zeros(50, np.float32))

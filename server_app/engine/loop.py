@@ -39,6 +39,8 @@ from .registry import (
 from .replies import Reply, ReplyCheck, summarise_evaluation, summarise_train
 
 if TYPE_CHECKING:
+    from common.config import RunConfig
+
     from ..strategies.base import Algorithm
 
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
@@ -51,9 +53,9 @@ class Engine:
     ``ArrayRecord``, and :meth:`start` takes the results directory and a checkpoint.
     """
 
-    def __init__(self, algorithm: Algorithm) -> None:
+    def __init__(self, algorithm: Algorithm, cfg: RunConfig) -> None:
         self.algorithm = algorithm
-        self.cfg = cfg = algorithm.cfg
+        self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.clients = ClientRegistry()
         self.costs = Costs()

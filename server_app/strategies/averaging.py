@@ -40,8 +40,8 @@ class AveragingStrategy(Algorithm):
     what: ClassVar[str] = "shared vector"
     checkpoint_attributes = ("vector",)
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.vector: np.ndarray | None = None
 
     def initial_vector(self, clients: ClientRegistry) -> np.ndarray | None:

@@ -14,14 +14,20 @@ checkpoints and results, and calls these hooks. A round, as in Flower's
    :meth:`Algorithm.apply_train_reply` per reply in a seeded order between
    :meth:`Algorithm.begin_ordered_round` and :meth:`Algorithm.end_ordered_round`;
 4. :meth:`Algorithm.eval_payload` for every client (evaluate).
+
+An algorithm reads only its :class:`Params`: a frozen dataclass of the run-config
+keys it uses, declared next to the algorithm and filled from the run config in
+one place (:meth:`Params.from_config`). Defaults live in the run-config schema
+(:mod:`common.config`) only.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from flwr.app import RecordDict
 from flwr.common.logger import log
@@ -33,13 +39,32 @@ from ..engine.registry import ClientInfo, ClientRegistry
 from ..engine.replies import Expect, Reply
 
 
+@dataclass(frozen=True)
+class Params:
+    """The run-config keys every algorithm reads; subclasses add their own.
+
+    Field names are the snake_case attributes of
+    :class:`common.config.RunConfig` (``fml-alpha`` is ``fml_alpha``).
+    """
+
+    seed: int
+    #: Whether checkpoints keep the optimizer's moments (``checkpoint-optimizer``).
+    checkpoint_optimizer: bool
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Self:
+        """Every field from the same-named attribute of the validated ``cfg``."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
 class Algorithm(ABC):
     """Server state of one method and the hooks the engine calls.
 
     Parameters
     ----------
-    cfg : RunConfig
-        The validated run configuration.
+    params : Params
+        The algorithm's keys of the run config (its :attr:`Params` type);
+        :meth:`from_config` builds them.
     """
 
     #: Name under which the algorithm is registered (``strategy = "<name>"``).
@@ -52,9 +77,17 @@ class Algorithm(ABC):
     #: name its parameters (the checkpoint keys its state by those names).
     optimizer_modules: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+    #: The type of this algorithm's :attr:`params`.
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
         self.clients = ClientRegistry()
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Self:
+        """The algorithm with its :attr:`Params` read from ``cfg``."""
+        return cls(cls.Params.from_config(cfg))
 
     # -- state -------------------------------------------------------------------
     def start(self, clients: ClientRegistry) -> None:
@@ -142,7 +175,7 @@ class Algorithm(ABC):
             value = getattr(self, attr)
             if attr in self.optimizer_modules:
                 module = getattr(self, self.optimizer_modules[attr])
-                keep = self.cfg.checkpoint_optimizer
+                keep = self.params.checkpoint_optimizer
                 state[attr] = pack_optimizer(value, module) if keep else None
             else:
                 state[attr] = pack(value)

@@ -61,8 +61,8 @@ class FedDistill(Algorithm):
 
     checkpoint_attributes = ("logits", "counts")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.num_classes = 0
         self.logits: np.ndarray | None = None
         self.counts: np.ndarray | None = None

@@ -69,6 +69,7 @@ Deviations from HtFLlib (``clientkd.py``, ``serverkd.py``, ``main.py``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -84,18 +85,28 @@ from ..engine.registry import ClientInfo, ClientRegistry
 from ..engine.replies import Dense, Expect, Reply
 from . import register_strategy
 from .aggregate import weighted_mean
-from .base import Algorithm
+from .base import Algorithm, Params
 from .fedavg import initial_model_vector
+
+
+@dataclass(frozen=True)
+class FedKDParams(Params):
+    global_model: str
+    num_server_rounds: int
+    fedkd_energy_start: float
+    fedkd_energy_end: float
 
 
 @register_strategy("fedkd")
 class FedKD(Algorithm):
     """Example-weighted average of SVD-compressed students."""
 
+    Params = FedKDParams
+
     checkpoint_attributes = ("vector", "factors", "ranks")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.shapes: list[tuple[int, ...]] = []
         self.vector: np.ndarray | None = None
         self.factors: np.ndarray | None = None
@@ -103,27 +114,29 @@ class FedKD(Algorithm):
 
     def setup(self, clients: ClientRegistry) -> None:
         first = clients[clients.names[0]]
-        model = build_model(self.cfg.global_model, first.num_classes, first.in_channels)
+        model = build_model(
+            self.params.global_model, first.num_classes, first.in_channels
+        )
         self.shapes = lowrank.param_shapes(model)
         self.vector = initial_model_vector(
-            self.cfg.global_model, clients, self.cfg.seed
+            self.params.global_model, clients, self.params.seed
         )
         self.factors = self.ranks = None
 
     def energy(self, server_round: int) -> float:
-        cfg = self.cfg
+        p = self.params
         return lowrank.energy_at(
             server_round,
-            cfg.num_server_rounds,
-            cfg.fedkd_energy_start,
-            cfg.fedkd_energy_end,
+            p.num_server_rounds,
+            p.fedkd_energy_start,
+            p.fedkd_energy_end,
         )
 
     def summary(self) -> None:
         log(INFO, "Strategy fedkd with %d clients: student '%s' (%d parameters), "
-            "energy %.3f -> %.3f", len(self.clients), self.cfg.global_model,
+            "energy %.3f -> %.3f", len(self.clients), self.params.global_model,
             len(self.vector) if self.vector is not None else 0,
-            self.energy(1), self.energy(self.cfg.num_server_rounds))  # fmt: skip
+            self.energy(1), self.energy(self.params.num_server_rounds))  # fmt: skip
 
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         if self.factors is None or self.ranks is None:

@@ -39,6 +39,7 @@ the clients' architectures, only ``K_i``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,39 @@ from ..engine.registry import ClientInfo, ClientRegistry, natural_key
 from ..engine.replies import Expect, Reply, Update
 from ..hypernet import HyperNetwork, reference_init_
 from . import register_strategy
-from .base import Algorithm
+from .base import Algorithm, Params
 
 #: The trained hypernetwork in a run's results directory (``hypernet-from``).
 HYPERNET_FILE = "hypernet.pt"
+
+
+@dataclass(frozen=True)
+class MHPFedHNParams(Params):
+    """The hypernetwork's shape (:class:`HyperNetwork`), its optimizer and update
+    order, where it lives, and what the wire carries."""
+
+    device: torch.device
+    embed_dim: int
+    hidden_dim: int
+    hidden_layers: int
+    chunk_size: int
+    embed_init_std: float
+    head_type: str
+    head_rank: int
+    hn_init: str
+    hn_lr: float
+    hn_grad_clip: float
+    hn_update: str
+    hn_window: int
+    min_train_clients: int
+    hypernet_from: str
+    novel_lr: float
+    transfer: str
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> MHPFedHNParams:
+        """As :meth:`Params.from_config`, with ``device = "auto"`` resolved."""
+        return replace(super().from_config(cfg), device=cfg.torch_device())
 
 
 @register_strategy("mh-pfedhn")
@@ -69,16 +99,18 @@ class MHPFedHN(Algorithm):
     checkpoint_attributes = ("hn", "optimizer", "torch_gen")
     optimizer_modules = {"optimizer": "hn"}
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self.device = cfg.torch_device()
+    Params = MHPFedHNParams
+
+    def __init__(self, params: MHPFedHNParams) -> None:
+        super().__init__(params)
+        self.device = params.device
         # Heads and embeddings draw from their own stream, derived from the seed:
         # seeding it with ``seed`` itself, like the global stream the extractor is
         # initialised from, made the first head's weights a scaled copy of the
         # extractor's (correlation 1.0 over their first 41,216 entries).
-        heads_seed = np.random.SeedSequence([cfg.seed, 0x4EAD]).generate_state(1)[0]
+        heads_seed = np.random.SeedSequence([params.seed, 0x4EAD]).generate_state(1)[0]
         self.torch_gen = torch.Generator().manual_seed(int(heads_seed))
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(params.seed)
         self.hn = self.build_hypernetwork()
         self.optimizer: torch.optim.Optimizer | None = None
         # theta_i of the current hypernetwork state: evaluation after round r and
@@ -89,16 +121,16 @@ class MHPFedHN(Algorithm):
         # stepped, with its value and optimizer state before the first step.
         self._undo: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] | None = None
         self.fitting_novel = False  # after training: only novel clients are fitted
-        self.sequential = cfg.hn_update == "sequential"
+        self.sequential = params.hn_update == "sequential"
 
     # -- state ------------------------------------------------------------------------
     def build_hypernetwork(self) -> HyperNetwork:
         """The hypernetwork (before any client is registered)."""
-        return HyperNetwork.from_config(self.cfg).to(self.device)
+        return HyperNetwork.from_config(self.params).to(self.device)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The hypernetwork optimizer: Adam with ``hn-lr`` (PAPER.md)."""
-        return torch.optim.Adam(params, lr=self.cfg.hn_lr, fused=True)
+        return torch.optim.Adam(params, lr=self.params.hn_lr, fused=True)
 
     def register(self, name: str, num_params: int) -> None:
         """Add a client (and a head for a new chunk count) to the hypernetwork."""
@@ -111,13 +143,13 @@ class MHPFedHN(Algorithm):
     def setup(self, clients: ClientRegistry) -> None:
         for name in clients.names:
             self.register(name, clients[name].num_params)
-        if self.cfg.hn_init == "reference":
+        if self.params.hn_init == "reference":
             order = sorted(clients.names, key=natural_key)
-            reference_init_(self.hn, order, self.cfg.seed)
+            reference_init_(self.hn, order, self.params.seed)
             log(INFO, "Hypernetwork initialised in the reference order (%s first)",
                 order[0])  # fmt: skip
-        if self.cfg.hypernet_from:
-            path = Path(self.cfg.hypernet_from).expanduser()
+        if self.params.hypernet_from:
+            path = Path(self.params.hypernet_from).expanduser()
             if path.is_dir():
                 path = path / HYPERNET_FILE
             novel = {c.name for c in clients if c.novel}
@@ -155,7 +187,7 @@ class MHPFedHN(Algorithm):
 
     def wire(self, vector: np.ndarray) -> Array:
         """A generated vector as it goes down under run-config ``transfer``."""
-        return Array(encode_dense(vector, self.cfg.transfer))
+        return Array(encode_dense(vector, self.params.transfer))
 
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         theta = self.wire(self.theta(client.name))
@@ -183,7 +215,7 @@ class MHPFedHN(Algorithm):
         for name, delta, weight in items:
             self.hn.accumulate_vjp(name, delta.to(self.device) * weight)
         params = [p for p in self.hn.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.hn_grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.params.hn_grad_clip)
         if self._undo is not None:
             self.remember(params)
         self.optimizer.step()
@@ -242,14 +274,14 @@ class MHPFedHN(Algorithm):
         """Clients in flight at once in a sequential round (``hn-window``):
         client ``c_k`` trains a ``theta`` that includes the steps of
         ``c_1 .. c_{k-W}``; ``W = 1`` is the reference algorithm."""
-        w = self.cfg.hn_window
+        w = self.params.hn_window
         return num_clients if w == 0 else min(w, num_clients)
 
     def begin_ordered_round(self, server_round: int) -> None:
         """With ``min-train-clients`` > 1, keep what the round steps so that a
         round that ends short can be undone (:meth:`undo_round`; memory: one
         copy of what the round stepped)."""
-        self._undo = {} if self.cfg.min_train_clients > 1 else None
+        self._undo = {} if self.params.min_train_clients > 1 else None
 
     def apply_train_reply(self, server_round: int, reply: Reply) -> None:
         """One Adam step on the reply's VJP, taken at the current state."""
@@ -288,7 +320,7 @@ class MHPFedHN(Algorithm):
             head.requires_grad_(key not in trained)
             if key not in trained:
                 fitted += list(head.parameters())
-        self.optimizer = torch.optim.Adam(fitted, lr=self.cfg.novel_lr, fused=True)
+        self.optimizer = torch.optim.Adam(fitted, lr=self.params.novel_lr, fused=True)
         self._theta_cache.clear()
         self.fitting_novel = True
         new_heads = sorted(set(self.hn.heads) - trained, key=int)

@@ -29,6 +29,7 @@ Evaluation sends only ``theta_i``: the global model is never evaluated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO
 
 from flwr.app import ArrayRecord, RecordDict
@@ -40,29 +41,38 @@ from common.models import build_model, num_trainable
 from ..engine.registry import ClientInfo, ClientRegistry
 from ..engine.replies import Expect, Reply, Update
 from . import register_strategy
-from .mh_pfedhn import MHPFedHN
+from .mh_pfedhn import MHPFedHN, MHPFedHNParams
 
 #: Hypernetwork entry of the global model (client names cannot start with "_").
 GLOBAL = "_global"
+
+
+@dataclass(frozen=True)
+class MHPFedHNGDParams(MHPFedHNParams):
+    global_model: str
 
 
 @register_strategy("mh-pfedhngd")
 class MHPFedHNGD(MHPFedHN):
     """MH-pFedHN with a hypernetwork-generated global teacher."""
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    Params = MHPFedHNGDParams
+
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self._global_round: int | None = None  # round whose g is in self._global
         self._global = None
 
     def setup(self, clients: ClientRegistry) -> None:
         first = clients[clients.names[0]]
-        model = build_model(self.cfg.global_model, first.num_classes, first.in_channels)
+        model = build_model(
+            self.params.global_model, first.num_classes, first.in_channels
+        )
         self.register(GLOBAL, num_trainable(model))
         log(
             INFO,
             "Global model %s: %d parameters",
-            self.cfg.global_model,
+            self.params.global_model,
             self.hn.num_params[GLOBAL],
         )
         super().setup(clients)

@@ -36,7 +36,7 @@ from common.threads import one_thread
 from ..engine.registry import ClientInfo, ClientRegistry
 from ..engine.replies import Dense, Expect, Reply
 from .aggregate import class_mean
-from .base import Algorithm
+from .base import Algorithm, Params
 
 #: Mini-batch size of the server-side training: HtFLlib's ``args.batch_size``
 #: default (10), which HtFLlib's FedTGP and FedGH servers use.
@@ -132,6 +132,14 @@ def seeded_module(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
+@dataclass(frozen=True)
+class ServerTrainingParams(Params):
+    """Training on the server (FedGH's head, FedTGP's generator)."""
+
+    server_epochs: int
+    server_lr: float
+
+
 class PrototypeStrategy(Algorithm):
     """Base: reads and validates uploaded prototypes; sends global prototypes.
 
@@ -147,8 +155,8 @@ class PrototypeStrategy(Algorithm):
 
     checkpoint_attributes = ("feature_dim", "global_protos", "present")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.num_classes = 0
         self.feature_dim: int | None = None
         self.global_protos: np.ndarray | None = None
