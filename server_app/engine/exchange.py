@@ -13,15 +13,18 @@ there and spent more CPU in that scan than the clients spent evaluating
 
 :class:`InOrder` is the same flight in ordered mode: replies are handed out
 strictly in message order, and the next message is built only after the caller
-has processed the reply that frees its slot (sequential updates).
+has processed the reply that frees its slot (sequential updates);
+:func:`side_by_side` orders its clients so that the ones in flight together take
+about as long.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
+import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -220,6 +223,28 @@ class InOrder:
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b")
+
+
+def side_by_side(
+    order: list[str], size: Mapping[str, int], width: int, rng: np.random.Generator
+) -> list[str]:
+    """``order`` regrouped so that the clients in flight together have equal size.
+
+    In an ordered flight of ``width`` slots a reply that arrives before its
+    predecessor's waits, and so does the slot it would free: a small model that
+    finishes beside a large one leaves its core idle. Sorting the clients by
+    ``size`` (their trainable parameters; the seeded ``order`` breaks ties),
+    cutting the sorted list into groups of ``width`` and visiting the groups in
+    a seeded random order keeps clients of one architecture side by side.
+
+    Returns ``order`` itself, drawing nothing from ``rng``, when every client
+    has the same size or at most one client is in flight.
+    """
+    if width <= 1 or len({size[name] for name in order}) <= 1:
+        return order
+    ranked = sorted(order, key=size.__getitem__)
+    groups = [ranked[i : i + width] for i in range(0, len(ranked), width)]
+    return [name for g in rng.permutation(len(groups)) for name in groups[g]]
 
 
 def error_text(reply: Message) -> str:

@@ -28,7 +28,7 @@ from ..results import RunResults
 from . import checkpointing
 from .carry import CarriedEvaluation
 from .costs import Costs
-from .exchange import InOrder, exchange
+from .exchange import InOrder, exchange, side_by_side
 from .progress import Progress
 from .registry import (
     ClientRegistry,
@@ -252,7 +252,9 @@ class Engine:
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
         """A round of sequential updates with at most ``W`` clients in flight.
 
-        Clients are visited in a seeded random order ``c_1 .. c_m``. Client
+        Clients are visited in a seeded random order ``c_1 .. c_m`` (with
+        ``hn-order = "by-size"``, regrouped by :func:`~.exchange.side_by_side`
+        so that clients in flight together have equal size). Client
         ``c_k`` is sent its payload built after the replies of ``c_1 ..
         c_{k-W}`` have been applied, and replies are applied strictly in that
         order (:class:`~.exchange.InOrder`), so the outcome does not depend on
@@ -265,6 +267,9 @@ class Engine:
         """
         order = [names[k] for k in self.rng.permutation(len(names))]
         width = self.algorithm.window(len(order)) or len(order)
+        if self.cfg.hn_order == "by-size":
+            sizes = {name: self.clients[name].num_params for name in order}
+            order = side_by_side(order, sizes, width, self.rng)
         alongside = ()
         if evaluate_first:
             alongside = self.messages(self.phase_names, server_round - 1, EVALUATE)
