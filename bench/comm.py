@@ -6,7 +6,7 @@ and MH-pFedHNGD's global model (``global-model``, default the CNN), whose
 For every model and encoding, a real ``theta`` and ``delta`` of the model's
 length are encoded with :mod:`common.transfer` exactly as the apps do, put in an
 ``arrays`` :class:`~flwr.app.ArrayRecord`, and counted with
-:func:`server_app.strategies.base.payload_bytes` (what the per-round
+:func:`server_app.engine.costs.payload_bytes` (what the per-round
 ``bytes_down`` / ``bytes_up`` metrics count: array data including Flower's
 per-array header). Down is a train message (an evaluation message carries the
 same ``theta``), up a train reply.
@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from common import protocol as P
 from common.models import build_model, num_trainable
 from common.transfer import encode_dense, encode_update
-from server_app.strategies.base import payload_bytes
+from server_app.engine.costs import payload_bytes
 
 from .common import DEFAULT_OUT, print_table, write_json
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.machine import machine
+from tools.machine import machine
 
 #: Where every benchmark writes ``<name>.json`` (override with ``--out``).
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"

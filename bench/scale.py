@@ -130,7 +130,8 @@ def _strategy_child(num_clients: int, rounds: int, fraction: float) -> None:
     import torch
 
     from common.config import load_run_config
-    from server_app.registry import ClientInfo, ClientRegistry
+    from server_app.engine.loop import Engine
+    from server_app.engine.registry import ClientInfo, ClientRegistry
     from server_app.strategies.mh_pfedhn import MHPFedHN
 
     def rss_mb() -> float:
@@ -139,17 +140,18 @@ def _strategy_child(num_clients: int, rounds: int, fraction: float) -> None:
 
     torch.set_num_threads(1)
     cfg = load_run_config({"data-dir": "/nonexistent", "fraction-train": fraction})
-    strategy = MHPFedHN(cfg)
+    strategy = MHPFedHN.from_config(cfg)
     before = rss_mb()
     clients = ClientRegistry(
         ClientInfo(name=f"client-{i}", node_id=i + 1, num_params=234006,
                    num_train=37, num_test=13, num_classes=10, in_channels=3)
         for i in range(num_clients)
     )  # fmt: skip
-    strategy.clients = clients
-    strategy.setup(clients)
+    engine = Engine(strategy, cfg)
+    engine.clients = clients
+    strategy.start(clients)
     for _ in range(rounds):
-        for name in strategy.sample_train_clients():
+        for name in engine.sample_train_clients():
             delta = torch.from_numpy(strategy.theta(name) * 1e-3)
             strategy.hn_step([(name, delta, 1.0)])
     adam = sum(

@@ -94,7 +94,7 @@ def sequential_loop(
     if cfg.strategy != "mh-pfedhn" or cfg.hn_update != "sequential":
         raise ValueError("the sequential loop is MH-pFedHN's sequential update")
     built = [_Client(cfg, pid, clients) for pid in range(clients)]
-    strategy = MHPFedHN(cfg)
+    strategy = MHPFedHN.from_config(cfg)
     for client in built:
         strategy.register(client.name, num_trainable(client.model))
     hparams = LocalHParams(

@@ -47,7 +47,8 @@ class RunConfig(BaseModel):
     min_clients: int = Field(2, ge=1)
     round_timeout: float = Field(3600.0, gt=0.0)
     #: Messages of one exchange pushed but not yet answered, at most (0 = all at
-    #: once); bounds what waits in the SuperLink (see :mod:`server_app.exchange`).
+    #: once); bounds what waits in the SuperLink (see
+    #: :mod:`server_app.engine.exchange`).
     max_in_flight: int = Field(64, ge=0)
     seed: int = Field(42, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -87,6 +88,11 @@ class RunConfig(BaseModel):
     hn_grad_clip: float = Field(50.0, gt=0.0)
     hn_update: Literal["sequential", "mean"] = "sequential"
     hn_window: int = Field(2, ge=0)
+    #: Order of a sequential round: ``random`` (a seeded permutation) or
+    #: ``by-size``: clients of equal size side by side in the window, so no core
+    #: waits for a large model beside a small one (the same as ``random`` when
+    #: all clients have one size or ``hn-window = 1``).
+    hn_order: Literal["random", "by-size"] = "by-size"
     embed_dim: int = Field(64, ge=1)
     embed_init_std: float = Field(0.002, gt=0.0)
     hidden_dim: int = Field(128, ge=1)

@@ -89,6 +89,12 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "`hn-window` - 1 (1 = the reference algorithm, 0 = everyone from the "
         "round-start state)"
     ),
+    "hn-order": (
+        "`sequential` only: `random` (a seeded permutation of the round's "
+        "clients) or `by-size` (the same, regrouped so that the clients in "
+        "flight together have the same size: no core idles beside a larger "
+        "model; unchanged when all clients have one size or `hn-window` = 1)"
+    ),
     "embed-dim": "columns of each client's embedding matrix",
     "embed-init-std": "std of the embedding initialisation",
     "hidden-dim": "width of the hypernetwork's feature extractor",

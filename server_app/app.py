@@ -11,7 +11,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import ConfigError, load_run_config
 
 from .checkpoint import check_compatible, checkpoint_path, read_checkpoint
-from .registry import HandshakeError
+from .engine.loop import Engine
+from .engine.registry import HandshakeError
 from .results import RunResults
 from .strategies import build_strategy
 
@@ -20,11 +21,11 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the configured strategy for ``num-server-rounds`` rounds."""
+    """Run the configured algorithm for ``num-server-rounds`` rounds."""
     checkpoint = None
     try:
         cfg = load_run_config(context.run_config)
-        strategy = build_strategy(cfg)
+        engine = Engine(build_strategy(cfg), cfg)
         if cfg.resume_from:  # checked before anything is written
             path = checkpoint_path(cfg.resume_from, cfg.results_dir)
             checkpoint = read_checkpoint(path)
@@ -41,7 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Results directory: %s", results.path)
     log(INFO, "Live curves: tensorboard --logdir %s", results.path.parent)
     try:
-        strategy.start(grid, results, checkpoint)
+        engine.start(grid, results, checkpoint)
     except HandshakeError as err:
         log(ERROR, "%s", err)
         raise

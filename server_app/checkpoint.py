@@ -17,10 +17,11 @@
 ``clients``
     The registry (names, sizes, example counts); node ids are not kept.
 ``state``
-    :meth:`HeteroStrategy.state_dict`: random generators, and every attribute the
-    strategy lists in ``checkpoint_attributes`` (hypernetwork, optimizer,
-    prototypes, ...). Modules are saved by ``state_dict`` (keyed by parameter
-    name); an optimizer by the names of its parameters in the module that owns
+    :func:`server_app.engine.checkpointing.state_dict`: random generators, and
+    every attribute the strategy lists in ``checkpoint_attributes``
+    (hypernetwork, optimizer, prototypes, ...). Modules are saved by
+    ``state_dict`` (keyed by parameter name); an optimizer by the names of its
+    parameters in the module that owns
     them (:func:`pack_optimizer`), never by position: a resumed run registers its
     clients in name order, the original run in order of arrival.
 

@@ -25,12 +25,6 @@ Layout of ``<results-dir>/<run-name>/``:
     ``tensorboard --logdir <results-dir>`` shows the runs side by side. A resumed
     run adds a file that hides the rounds computed again. Skipped, with a
     warning, where the ``tensorboard`` package is not installed.
-``machine.json``
-    Where the run was computed (:func:`common.machine.machine`, measured in the
-    ServerApp's process, which shares the host with the clients in a
-    simulation): a list with one entry per start, ``from_round`` 0 for the
-    first and the checkpoint's round for each resume, so a run continued on
-    another host says so.
 ``summary.json``
     ``final_accuracy``, ``best_accuracy``, ``best_round``, ``rounds``,
     ``seconds`` of the training phase; with novel clients also
@@ -57,10 +51,9 @@ from typing import Any
 from flwr.common.logger import log
 
 from common.config import RunConfig
-from common.machine import machine
 
 from .checkpoint import CHECKPOINT_FILE
-from .registry import natural_key
+from .engine.registry import natural_key
 
 #: The first columns of ``metrics.csv``; the other scalar fields follow.
 CSV_COLUMNS = (
@@ -197,7 +190,6 @@ class RunResults:
         results = cls(path)
         results.config = cfg.flat()
         _write_json(path / "config.json", results.config)
-        results.record_machine(from_round=0)
         results.open_tensorboard()
         return results
 
@@ -227,31 +219,8 @@ class RunResults:
         results._purge_step = max((r["round"] for r in records), default=0) + 1
         results.config = cfg.flat()
         _write_json(path / "config.json", results.config)
-        results.record_machine(from_round)
         results.open_tensorboard()
         return results
-
-    def record_machine(self, from_round: int) -> None:
-        """Add this host to ``machine.json`` as computing rounds after ``from_round``.
-
-        Entries of earlier starts that begin before ``from_round`` are kept (the
-        rounds they computed stay in ``metrics.jsonl``); later ones are dropped,
-        since their rounds are computed again. An unreadable file is replaced
-        rather than failing the run.
-        """
-        path = self.path / "machine.json"
-        try:
-            starts = json.loads(path.read_text())
-        except (OSError, ValueError):
-            starts = []
-        if not isinstance(starts, list):
-            starts = []
-        starts = [
-            s
-            for s in starts
-            if isinstance(s, dict) and s.get("from_round", 0) < from_round
-        ]
-        _write_json(path, starts + [{"from_round": from_round, **machine()}])
 
     def write_clients(self, clients: list[dict[str, Any]]) -> None:
         self.clients = clients

@@ -33,7 +33,9 @@ from PIL import Image
 
 from common import protocol as P
 from common.config import load_run_config
-from server_app.registry import ClientInfo, ClientRegistry
+from server_app.engine.loop import Engine
+from server_app.engine.registry import ClientInfo, ClientRegistry
+from server_app.engine.replies import Reply, ReplyCheck
 from server_app.results import RunResults
 from server_app.strategies import build_strategy
 from tests.inprocess_grid import InProcessGrid
@@ -108,14 +110,15 @@ def label_prior_accuracy(
 
 
 # -- in-process runs -------------------------------------------------------------------
-def run(config: dict, num_nodes: int, strategy=None, **grid_kwargs):
-    """Run ``config`` with ``num_nodes`` in-process nodes; return the strategy, the
-    grid, the results and the rows of ``metrics.jsonl``."""
+def run(config: dict, num_nodes: int, strategy=None, engine=Engine, **grid_kwargs):
+    """Run ``config`` with ``num_nodes`` in-process nodes (the ``engine`` class
+    running the ``strategy`` class); return the algorithm, the grid, the results
+    and the rows of ``metrics.jsonl``."""
     cfg = load_run_config(config)
     grid = InProcessGrid(config, num_nodes, **grid_kwargs)
-    strategy = strategy(cfg) if strategy else build_strategy(cfg)
+    strategy = strategy.from_config(cfg) if strategy else build_strategy(cfg)
     results = RunResults.create(cfg)
-    strategy.start(grid, results)
+    engine(strategy, cfg).start(grid, results)
     results.finish()
     rows = [
         json.loads(x) for x in (results.path / "metrics.jsonl").read_text().splitlines()
@@ -199,12 +202,38 @@ def assert_same(before, after) -> None:
             assert torch.equal(value, new[index][name]), (index, name)
 
 
-def apply(strategy, message, mode: str) -> None:
+def checker(strategy, cfg=None) -> ReplyCheck:
+    """The engine's reply validation for ``strategy`` under ``cfg`` (default: the
+    defaults) (``rejected`` counts)."""
+    return Engine(strategy, cfg or load_run_config({"strategy": strategy.name})).check
+
+
+def validate(
+    strategy, messages, clients=None, cfg=None
+) -> tuple[list[Reply], ReplyCheck]:
+    """Round-1 train replies ``messages`` as the engine accepts them (from the
+    clients of :func:`registry` unless told) under ``cfg``, and the check that
+    counted."""
+    check = checker(strategy, cfg)
+    check.server_round = 1
+    return check.messages(clients or registry(), messages, "train"), check
+
+
+def validated(strategy, pairs) -> tuple[list[Reply], ReplyCheck]:
+    """``(client, content)`` train replies as the engine accepts them."""
+    check = checker(strategy)
+    replies = [check.content(client, content, "train") for client, content in pairs]
+    return [r for r in replies if r is not None], check
+
+
+def apply(strategy, message, mode: str, cfg=None) -> ReplyCheck:
     """Validate ``message`` as a round-1 train reply and apply what passes, one
-    reply at a time (``sequential``) or as a round's batch (``mean``)."""
-    valid = strategy._valid_replies(1, [message], "train")
+    reply at a time (``sequential``) or as a round's batch (``mean``); return
+    the check (its ``rejected`` counts the rejections)."""
+    valid, check = validate(strategy, [message], cfg=cfg)
     if mode == "sequential":
-        for client, content in valid:
-            strategy.absorb(client, content)
+        for reply in valid:
+            strategy.apply_train_reply(1, reply)
     elif valid:
         strategy.apply_train_replies(1, valid)
+    return check

@@ -12,12 +12,12 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from common import protocol as P
 from common.config import ConfigError, load_run_config
-from server_app.registry import ClientInfo
+from server_app.engine.registry import ClientInfo
 from server_app.strategies.aggregate import class_mean, weighted_mean
 from server_app.strategies.averaging import SharedVectorMismatch
 from server_app.strategies.fedavg import FedAvg
 from server_app.strategies.lg_fedavg import LGFedAvg
-from tests.helpers import base_config, run, write_learnable_imagefolder
+from tests.helpers import base_config, run, validated, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +70,31 @@ def info(name: str) -> ClientInfo:
 def test_averaging_by_hand():
     """FedAvg: w - sum n_i d_i / sum n_i; LG-FedAvg: the weighted mean head;
     a malformed reply is skipped without touching the vector."""
-    avg = FedAvg(load_run_config({"strategy": "fedavg"}))
+    avg = FedAvg.from_config(load_run_config({"strategy": "fedavg"}))
     avg.vector = np.array([1.0, 1.0, 1.0], np.float32)
     avg.apply_train_replies(
         1,
-        [
-            (info("a"), reply(delta=np.float32([1, 0, 0]), n=1)),
-            (info("b"), reply(delta=np.float32([0, 0, 3]), n=3)),
-            (info("c"), reply(delta=np.float32([0, 1]), n=5)),  # wrong length
-            (info("d"), reply(delta=np.float32([np.nan, 0, 0]), n=5)),
-        ],
+        validated(
+            avg,
+            [
+                (info("a"), reply(delta=np.float32([1, 0, 0]), n=1)),
+                (info("b"), reply(delta=np.float32([0, 0, 3]), n=3)),
+                (info("c"), reply(delta=np.float32([0, 1]), n=5)),  # wrong length
+                (info("d"), reply(delta=np.float32([np.nan, 0, 0]), n=5)),
+            ],
+        )[0],
     )
     np.testing.assert_allclose(avg.vector, [0.75, 1.0, -1.25])
-    lg = LGFedAvg(load_run_config({"strategy": "lg-fedavg"}))
+    lg = LGFedAvg.from_config(load_run_config({"strategy": "lg-fedavg"}))
     lg.apply_train_replies(
         1,
-        [
-            (info("a"), reply(head=np.float32([2, 0]), n=1)),
-            (info("b"), reply(head=np.float32([0, 4]), n=1)),
-        ],
+        validated(
+            lg,
+            [
+                (info("a"), reply(head=np.float32([2, 0]), n=1)),
+                (info("b"), reply(head=np.float32([0, 4]), n=1)),
+            ],
+        )[0],
     )
     np.testing.assert_allclose(lg.vector, [1.0, 2.0])
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from common.config import load_run_config
-from common.machine import describe as describe_machine
 from server_app.strategies import available_strategies
 from tools import compare, report
+from tools.machine import describe as describe_machine
 from tools.preset import PresetError, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,7 +366,7 @@ INFO :      Starting Flower Simulation
 Traceback (most recent call last):
   File "/x/server_app/app.py", line 32, in main
     strategy.start(grid, results)
-server_app.registry.HandshakeError: handshake failed: node 7: Exception occurred.
+server_app.engine.registry.HandshakeError: handshake failed: node 7: Exception occurred.
 Message: Dataset 'cifar10' not found in /data.
 \x1b[91mERROR \x1b[0m:     Exit Code: 700
 """

@@ -22,11 +22,11 @@ from client_app.training import LocalHParams, clip_groups, train_local
 from common import lowrank
 from common import protocol as P
 from common.config import ConfigError, load_run_config
-from server_app.registry import ClientInfo
+from server_app.engine.registry import ClientInfo
 from server_app.strategies.fd import FedDistill
 from server_app.strategies.fedkd import FedKD
 from server_app.strategies.fml import FML
-from tests.helpers import base_config, run, write_learnable_imagefolder
+from tests.helpers import base_config, run, validated, write_learnable_imagefolder
 
 CNN_6 = 234006 - 4 * 65  # the cnn's parameters for 6 classes
 HEADER = 256  # at most this many bytes of .npy header per array on the wire
@@ -79,8 +79,8 @@ def test_fml_mutual_losses_by_hand():
 
 def test_fml_refuses_weights_outside_unit_interval():
     with pytest.raises(ConfigError, match="'fml-alpha' = 1.5"):
-        FML(load_run_config({"strategy": "fml", "fml-alpha": 1.5}))
-    assert FML(load_run_config({"strategy": "fml", "fml-beta": 0.5}))
+        FML.from_config(load_run_config({"strategy": "fml", "fml-alpha": 1.5}))
+    assert FML.from_config(load_run_config({"strategy": "fml", "fml-beta": 0.5}))
 
 
 def test_mutual_learning_clips_each_model_on_its_own():
@@ -212,7 +212,9 @@ def info(name: str, classes: int = 3) -> ClientInfo:
 
 
 def test_fedkd_server_averages_rebuilt_students_and_recompresses():
-    strategy = FedKD(load_run_config({"strategy": "fedkd", "num-server-rounds": 3}))
+    strategy = FedKD.from_config(
+        load_run_config({"strategy": "fedkd", "num-server-rounds": 3})
+    )
     strategy.shapes = [(6, 20), (6,)]
     rng = np.random.default_rng(1)
     base = (rng.normal(size=(6, 1)) @ rng.normal(size=(1, 20))).ravel()
@@ -225,11 +227,14 @@ def test_fedkd_server_averages_rebuilt_students_and_recompresses():
     assert enc["a"][lowrank.RANKS][0] == 1
     strategy.apply_train_replies(
         2,
-        [
-            (info("a"), reply(1, **enc["a"])),
-            (info("b"), reply(3, **enc["b"])),
-            (info("c"), reply(5, **{**enc["a"], lowrank.RANKS: np.int32([7, 0])})),
-        ],
+        validated(
+            strategy,
+            [
+                (info("a"), reply(1, **enc["a"])),
+                (info("b"), reply(3, **enc["b"])),
+                (info("c"), reply(5, **{**enc["a"], lowrank.RANKS: np.int32([7, 0])})),
+            ],
+        )[0],
     )
     mean = (a + 3 * b) / 4
     np.testing.assert_allclose(strategy.vector, mean, atol=1e-5)
@@ -261,7 +266,7 @@ def test_fd_regulariser_by_hand_and_htfllib_gradient():
 
 
 def test_fd_server_class_means_by_hand():
-    strategy = FedDistill(load_run_config({"strategy": "fd"}))
+    strategy = FedDistill.from_config(load_run_config({"strategy": "fd"}))
     strategy.num_classes = 3
     assert not strategy.train_payload(info("a"), 1).array_records
     t1 = np.float32([[1, 1, 1], [4, 0, 0], [0, 0, 0]])
@@ -272,12 +277,15 @@ def test_fd_server_class_means_by_hand():
 
     strategy.apply_train_replies(
         1,
-        [
-            (info("a"), fd_reply(10, t1, [1, 9, 0])),
-            (info("b"), fd_reply(30, t2, [29, 0, 0])),
-            (info("c"), fd_reply(5, t1[:2], [1, 1])),  # wrong shapes
-            (info("d"), fd_reply(5, t1, [-1, 1, 1])),  # a negative count
-        ],
+        validated(
+            strategy,
+            [
+                (info("a"), fd_reply(10, t1, [1, 9, 0])),
+                (info("b"), fd_reply(30, t2, [29, 0, 0])),
+                (info("c"), fd_reply(5, t1[:2], [1, 1])),  # wrong shapes
+                (info("d"), fd_reply(5, t1, [-1, 1, 1])),  # a negative count
+            ],
+        )[0],
     )
     # Unweighted over the clients holding each class (HtFLlib's logit_aggregation).
     np.testing.assert_allclose(strategy.logits, [[2, 2, 3], [4, 0, 0], [0, 0, 0]])

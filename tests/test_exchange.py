@@ -1,13 +1,14 @@
-"""The bounded message window of ``server_app.exchange`` (``max-in-flight``)."""
+"""The bounded message window of ``server_app.engine.exchange`` (``max-in-flight``)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from server_app.exchange import Flight, exchange
+from server_app.engine.exchange import Flight, exchange, side_by_side
 from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
 
@@ -93,12 +94,12 @@ def test_messages_are_built_only_when_a_slot_frees():
 
 def test_silent_node_is_given_up_and_frees_its_slot(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("server_app.exchange.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("server_app.engine.exchange.time.monotonic", lambda: clock[0])
 
     def sleep(seconds):
         clock[0] += 1.0
 
-    monkeypatch.setattr("server_app.exchange.time.sleep", sleep)
+    monkeypatch.setattr("server_app.engine.exchange.time.sleep", sleep)
     grid = SlowGrid(4, silent={1000})
     replies = exchange(grid, messages(grid, range(1000, 1004)), 5.0, 1)
     # the silent first node holds the only slot until its timeout; then the rest run
@@ -133,3 +134,49 @@ def test_window_does_not_change_results_and_sequential_rounds_evaluate_apart(
         assert evaluations_before == (0 if window == 0 else 4), window
     assert outcome[0] == outcome[1] == outcome[3]
     assert json.dumps(outcome[0])  # plain numbers
+
+
+def test_side_by_side_pairs_equal_sizes_and_leaves_one_size_alone():
+    rng = np.random.default_rng(0)
+    order = [f"c{i}" for i in range(10)]
+    one_size = dict.fromkeys(order, 7)
+    state = rng.bit_generator.state
+    assert side_by_side(order, one_size, 2, rng) is order
+    assert rng.bit_generator.state == state  # nothing drawn: runs stay bit-identical
+    sizes = {name: (3, 1, 4, 1, 5)[i % 5] for i, name in enumerate(order)}
+    assert side_by_side(order, sizes, 1, rng) is order  # one in flight: no waiting
+    grouped = side_by_side(order, sizes, 2, rng)
+    assert sorted(grouped) == sorted(order)
+    pairs = [grouped[i : i + 2] for i in range(0, 10, 2)]
+    assert all(sizes[a] == sizes[b] for a, b in pairs), grouped
+    # Seeded: the same generator state gives the same order.
+    again = np.random.default_rng(0)
+    side_by_side(order, one_size, 2, again)
+    assert side_by_side(order, sizes, 2, again) == grouped
+
+
+@pytest.mark.parametrize("hn_order", ["random", "by-size"])
+def test_a_sequential_round_keeps_equal_sizes_in_flight_together(
+    tmp_path_factory, tmp_path, hn_order
+):
+    """Two cnn and two mlp clients, two in flight: ``by-size`` sends each round's
+    train messages in pairs of one size; ``random`` is the seeded permutation."""
+    folder = write_learnable_imagefolder(tmp_path_factory.mktemp("f"), 4, 12)
+    config = base_config(folder, tmp_path, **{
+        "num-server-rounds": 3, "models": "cnn,mlp", "hn-window": 2,
+        "hn-order": hn_order, "eval-every": 3})  # fmt: skip
+    strategy, grid, _, rows = run(config, 4)
+    size = {c.node_id: c.num_params for c in strategy.clients}
+    assert len(set(size.values())) == 2
+    train = [
+        size[m.metadata.dst_node_id]
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.TRAIN
+    ]
+    rounds = [train[i : i + 4] for i in range(0, 12, 4)]
+    paired = [r[0] == r[1] and r[2] == r[3] for r in rounds]
+    if hn_order == "by-size":
+        assert all(paired), rounds
+    else:
+        assert not all(paired), rounds  # seed 42 mixes them at least once
+    assert rows[-1]["accuracy"] > 0.25

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, RunConfig, load_run_config
+from server_app.engine.registry import ClientInfo, ClientRegistry
 from server_app.hypernet import HyperNetwork, PositionHeads
-from server_app.registry import ClientInfo, ClientRegistry
 from server_app.strategies.mh_pfedhn import MHPFedHN
 
 
@@ -79,7 +79,7 @@ def test_reregistering_with_another_size_is_refused():
 
 def _strategy(**overrides) -> MHPFedHN:
     cfg = RunConfig(embed_dim=8, hidden_dim=16, chunk_size=50, **overrides)
-    strat = MHPFedHN(cfg)
+    strat = MHPFedHN.from_config(cfg)
     strat.register("a", 120)
     strat.register("b", 300)
     strat.register("c", 130)
@@ -152,7 +152,7 @@ def test_mean_update_is_adam_on_the_weighted_scalar_loss(clip):
     strat.hn_step([("a", d_a, 0.25), ("c", d_c, 0.75)])
 
     hn = ref.hn
-    adam = torch.optim.Adam(hn.parameters(), lr=ref.cfg.hn_lr)
+    adam = torch.optim.Adam(hn.parameters(), lr=ref.params.hn_lr)
     loss = 0.25 * (hn("a") * d_a).sum() + 0.75 * (hn("c") * d_c).sum()
     loss.backward()
     params = [p for p in hn.parameters() if p.grad is not None]
@@ -227,7 +227,7 @@ def test_reference_init_equals_the_authors_construction():
     cfg = RunConfig(
         embed_dim=d, hidden_dim=h, chunk_size=chunk, seed=seed, hn_init="reference"
     )
-    strat = MHPFedHN(cfg)
+    strat = MHPFedHN.from_config(cfg)
     clients = ClientRegistry(
         ClientInfo(name, i + 1, k, 10, 10, 10, 3)
         for i, (name, k) in enumerate(sizes.items())

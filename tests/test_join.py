@@ -7,7 +7,7 @@ import json
 import pytest
 from flwr.app import Context, RecordDict
 
-from server_app.strategies.mh_pfedhn import MHPFedHN
+from server_app.engine.loop import Engine
 from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
@@ -17,13 +17,20 @@ def folder(tmp_path_factory):
 
 
 def at_round(change):
-    """A strategy that applies ``change(grid)`` just before round 2 starts."""
+    """An engine that applies ``change(algorithm, grid)`` just before round 2
+    starts; ``Changing.last`` is the last one built."""
 
-    class Changing(MHPFedHN):
+    class Changing(Engine):
+        last = None
+
+        def __init__(self, algorithm, cfg):
+            super().__init__(algorithm, cfg)
+            Changing.last = self
+
         def admit_new_nodes(self, grid, results):
             if not getattr(self, "_changed", False) and self.clients:
                 if len(results.records) == 1:  # round 1 is done
-                    change(self, grid)
+                    change(self.algorithm, grid)
                     self._changed = True
             super().admit_new_nodes(grid, results)
 
@@ -49,7 +56,7 @@ def test_a_node_connecting_later_joins_with_a_fresh_embedding(folder, tmp_path):
             absent["node"] = grid.contexts.pop(1003)  # not there at the handshake
             return super().start(grid, results)
 
-    strategy, _, results, rows = run(config, 4, Late)
+    strategy, _, results, rows = run(config, 4, engine=Late)
     assert set(rows[0]["client_accuracy"]) == {"client-0", "client-1", "client-2"}
     assert set(rows[1]["client_accuracy"]) == {f"client-{i}" for i in range(4)}
     assert "client-3" in strategy.hn.embeddings
@@ -71,11 +78,12 @@ def test_a_restarted_node_keeps_its_embedding_and_a_duplicate_is_refused(
             3000, config, **{"partition-id": 0, "num-partitions": 3}
         )  # claims "client-0" while node 1000 is still connected
 
-    strategy, grid, results, rows = run(config, 3, at_round(restart_and_impersonate))
+    engine = at_round(restart_and_impersonate)
+    strategy, grid, results, rows = run(config, 3, engine=engine)
     assert strategy.clients["client-1"].node_id == 2001
     assert strategy.hn.embeddings["client-1"] is seen["embedding"]
     assert strategy.clients["client-0"].node_id == 1000
-    assert len(strategy.clients) == 3 and 3000 in strategy._refused_nodes
+    assert len(strategy.clients) == 3 and 3000 in engine.last.refused_nodes
     assert all(len(r["client_accuracy"]) == 3 for r in rows)
     clients = json.loads((results.path / "clients.json").read_text())
     assert {c["name"]: c["node_id"] for c in clients}["client-1"] == 2001

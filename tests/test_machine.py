@@ -1,11 +1,10 @@
-"""Where a figure was measured: common.machine and the run's machine.json."""
+"""Where a figure was measured: tools.machine and a comparison run's machine.json."""
 
 from __future__ import annotations
 
 import json
 
-from common.machine import cpu_model, describe, machine
-from server_app.results import RunResults
+from tools.machine import cpu_model, describe, machine, record_machine
 
 CPUINFO = """\
 processor\t: 0
@@ -45,29 +44,10 @@ def test_machine_facts_and_their_one_line_description():
     assert describe({}) == "? CPUs, ?"
 
 
-def starts(path) -> list[int]:
-    return [s["from_round"] for s in json.loads((path / "machine.json").read_text())]
-
-
-def test_machine_json_has_one_entry_per_start(tmp_path):
-    results = RunResults(tmp_path)
-    results.record_machine(from_round=0)
-    results.record_machine(from_round=10)
-    assert starts(tmp_path) == [0, 10]
-    entry = json.loads((tmp_path / "machine.json").read_text())[1]
-    assert entry == {"from_round": 10, **machine()}
-    # Resuming from an earlier checkpoint recomputes rounds 6-10: that start goes.
-    results.record_machine(from_round=5)
-    assert starts(tmp_path) == [0, 5]
-
-
-def test_an_unreadable_machine_json_is_replaced(tmp_path):
-    results = RunResults(tmp_path)
-    for junk in ("{not json", '{"from_round": 0}', '[1, "x"]'):
-        (tmp_path / "machine.json").write_text(junk)
-        results.record_machine(from_round=3)
-        assert starts(tmp_path) == [3], junk
-    # Entries that are not objects are dropped, the others kept.
-    (tmp_path / "machine.json").write_text('[1, {"from_round": 0}]')
-    results.record_machine(from_round=3)
-    assert starts(tmp_path) == [0, 3]
+def test_record_machine_writes_one_start_of_this_host(tmp_path):
+    record_machine(tmp_path)
+    (entry,) = json.loads((tmp_path / "machine.json").read_text())
+    assert entry == {"from_round": 0, **machine()}
+    # A rerun replaces the record instead of appending to it.
+    record_machine(tmp_path)
+    assert len(json.loads((tmp_path / "machine.json").read_text())) == 1

@@ -17,10 +17,10 @@ from common.flat import (
 from common.models import (
     available_models,
     build_model,
-    main,
     num_chunks,
     num_trainable,
 )
+from common.models.__main__ import main
 
 NAMES = ["cnn", "vgg8", "resnet10", "resnet12", "resnet18"]
 """The paper's five architectures (64-wide features, linear head)."""

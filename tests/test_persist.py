@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_app import persist
-from server_app.strategies import STRATEGIES
+from server_app.engine.loop import Engine
 from tests.helpers import base_config, run, write_learnable_imagefolder
 
 
@@ -189,7 +189,7 @@ def test_a_restarted_client_continues_exactly_with_its_saved_state(
                 for pid in range(2)
             }
 
-        class Restart(STRATEGIES[strategy]):
+        class Restart(Engine):
             calls = 0
 
             def admit_new_nodes(self, grid, results):
@@ -209,11 +209,11 @@ def test_a_restarted_client_continues_exactly_with_its_saved_state(
 
     _, _, _, plain = run(config("plain"), 2)
     cls, nodes = restarting(tmp_path / "state")
-    _, grid, _, kept = run(config("kept"), 2, cls, node_configs=nodes)
+    _, grid, _, kept = run(config("kept"), 2, engine=cls, node_configs=nodes)
     assert (tmp_path / "state" / "client-1.npz").is_file()
     assert [r["client_accuracy"] for r in kept] == [r["client_accuracy"] for r in plain]
     assert [r["loss"] for r in kept] == [r["loss"] for r in plain]
 
     cls, nodes = restarting(None)
-    _, _, _, lost = run(config("lost"), 2, cls, node_configs=nodes)
+    _, _, _, lost = run(config("lost"), 2, engine=cls, node_configs=nodes)
     assert [r["loss"] for r in lost] != [r["loss"] for r in plain]

@@ -8,7 +8,7 @@ import torch
 
 from common.flat import load_flat_, trainable_params
 from common.models import build_model, num_trainable
-from server_app.pfedhn_net import PerTensorHyperNetwork
+from server_app.hypernet import PerTensorHyperNetwork
 from tests.helpers import (
     base_config,
     label_prior_accuracy,

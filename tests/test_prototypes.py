@@ -25,7 +25,7 @@ from client_app.prototypes import (
 )
 from common import protocol as P
 from common.config import load_run_config
-from server_app.registry import ClientInfo, ClientRegistry
+from server_app.engine.registry import ClientInfo, ClientRegistry
 from server_app.strategies.fedgh import FedGH, header_loss
 from server_app.strategies.fedproto import FedProto
 from server_app.strategies.fedtgp import (
@@ -40,7 +40,7 @@ from server_app.strategies.prototypes import (
     prototype_pairs,
     seeded_module,
 )
-from tests.helpers import base_config, run, write_learnable_imagefolder
+from tests.helpers import base_config, run, validated, write_learnable_imagefolder
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def clients(*names: str, classes: int = 3) -> list[ClientInfo]:
 
 
 def strategy(cls, infos: list[ClientInfo], **config):
-    s = cls(load_run_config({"strategy": cls.name, **config}))
+    s = cls.from_config(load_run_config({"strategy": cls.name, **config}))
     s.setup(ClientRegistry(infos))
     return s
 
@@ -147,8 +147,8 @@ def strategy(cls, infos: list[ClientInfo], **config):
 def test_fedproto_aggregation_leaves_out_clients_without_the_class():
     a, b, c, d, e = clients("a", "b", "c", "d", "e")
     s = strategy(FedProto, [a, b, c, d, e])
-    s.apply_train_replies(
-        1,
+    valid, check = validated(
+        s,
         [
             (a, reply(np.float32([[1, 1], [5, 5], [99, 99]]), np.float32([4, 1, 0]))),
             (b, reply(np.float32([[3, 3], [0, 0], [99, 99]]), np.float32([1, 0, 0]))),
@@ -157,19 +157,23 @@ def test_fedproto_aggregation_leaves_out_clients_without_the_class():
             (e, reply(np.float32([[np.nan, 9]] * 3), np.float32([1, 1, 1]))),  # NaN
         ],
     )
+    s.apply_train_replies(1, valid)
     # Unweighted: class 0 is (1 + 3) / 2 although a holds 4 examples.
     np.testing.assert_allclose(s.global_protos[:2], [[2, 2], [5, 5]])
     assert s.present.tolist() == [True, True, False] and s.feature_dim == 2
-    assert s.rejected == 3  # c, d and e: logged and counted once each
+    assert check.rejected == 3  # c, d and e: logged and counted once each
     payload = s.train_payload(a, 2)[P.ARRAYS]
     assert payload[P.PROTO_COUNTS].numpy().tolist() == [1.0, 1.0, 0.0]
     with pytest.raises(PrototypeWidthMismatch, match="a: 2, b: 3"):
         s.apply_train_replies(
             2,
-            [
-                (a, reply(np.zeros((3, 2), np.float32), np.float32([1, 1, 1]))),
-                (b, reply(np.zeros((3, 3), np.float32), np.float32([1, 1, 1]))),
-            ],
+            validated(
+                s,
+                [
+                    (a, reply(np.zeros((3, 2), np.float32), np.float32([1, 1, 1]))),
+                    (b, reply(np.zeros((3, 3), np.float32), np.float32([1, 1, 1]))),
+                ],
+            )[0],
         )
 
 

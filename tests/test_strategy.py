@@ -11,7 +11,8 @@ from flwr.app import MessageType
 
 from common import protocol as P
 from common.config import load_run_config
-from server_app.registry import HandshakeError
+from server_app.engine.loop import Engine
+from server_app.engine.registry import HandshakeError
 from server_app.strategies.mh_pfedhn import MHPFedHN
 from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
@@ -22,11 +23,12 @@ def folder(tmp_path_factory) -> Path:
     return write_learnable_imagefolder(tmp_path_factory.mktemp("folder"), 6, 24)
 
 
-class SeparateEvaluation(MHPFedHN):
-    """The same strategy, but every evaluation in its own message exchange."""
+class SeparateEvaluation(Engine):
+    """The same engine, but every evaluation in its own message exchange."""
 
-    def carries_evaluation(self, server_round: int) -> bool:
-        return False
+    def __init__(self, algorithm, cfg):
+        super().__init__(algorithm, cfg)
+        self.carry.carries = lambda *args: False
 
 
 @pytest.mark.parametrize(
@@ -45,7 +47,7 @@ def test_carried_evaluation_gives_the_same_numbers(
     """
     config = base_config(folder, tmp_path, **update)
     _, carried_grid, _, carried = run(config | {"run-name": "a"}, 4)
-    _, _, _, separate = run(config | {"run-name": "b"}, 4, SeparateEvaluation)
+    _, _, _, separate = run(config | {"run-name": "b"}, 4, engine=SeparateEvaluation)
     keys = [
         "round",
         "accuracy",
@@ -147,7 +149,7 @@ def test_windowed_sequential_round_replays_exactly(folder, tmp_path, window):
     }
     names = {1000 + i: f"client-{i}" for i in range(4)}
     width = window or len(sent)
-    replay = MHPFedHN(load_run_config(config))
+    replay = MHPFedHN.from_config(load_run_config(config))
     for name in sorted(names.values()):
         replay.register(name, strategy.hn.num_params[name])
     for j, message in enumerate(sent):
@@ -174,15 +176,15 @@ def test_min_train_clients_holds_in_sequential_rounds(folder, tmp_path):
     fewer usable replies leaves hypernetwork and Adam state as they were."""
     config = base_config(folder, tmp_path, models="cnn", **{"min-train-clients": 3})
 
-    class LosesANode(MHPFedHN):
+    class LosesANode(Engine):
         def admit_new_nodes(self, grid, results):
-            if self.current_round == 2:
+            if self.progress.current_round == 2:
                 grid.contexts.pop(1002, None)
             super().admit_new_nodes(grid, results)
 
     one, *_ = run(config | {"run-name": "one", "num-server-rounds": 1}, 3)
     two, *_, rows = run(
-        config | {"run-name": "two", "num-server-rounds": 2}, 3, LosesANode
+        config | {"run-name": "two", "num-server-rounds": 2}, 3, engine=LosesANode
     )
     assert rows[-1]["round"] == 2 and rows[-1]["train_clients"] == 2
     want, got = optimizer_state_by_name(one), optimizer_state_by_name(two)
@@ -196,7 +198,7 @@ def test_min_train_clients_holds_in_sequential_rounds(folder, tmp_path):
     cfg = config | {"run-name": "ten", "num-server-rounds": 1, "min-train-clients": 10}
     ten, *_ = run(cfg, 3)
     assert not ten.optimizer.state  # three steps taken, all undone
-    fresh = MHPFedHN(load_run_config(cfg))
+    fresh = MHPFedHN.from_config(load_run_config(cfg))
     fresh.setup(ten.clients)
     for key, value in fresh.hn.state_dict().items():
         assert torch.equal(ten.hn.state_dict()[key], value), key

@@ -30,8 +30,9 @@ from common.transfer import (
     encode_update,
     topk_count,
 )
-from server_app.registry import ClientInfo, ClientRegistry
-from server_app.strategies.base import payload_bytes
+from server_app.engine.costs import payload_bytes
+from server_app.engine.registry import ClientInfo, ClientRegistry
+from server_app.engine.replies import ReplyCheck
 from server_app.strategies.mh_pfedhn import MHPFedHN
 from server_app.strategies.mh_pfedhngd import GLOBAL
 from tests.helpers import (
@@ -180,8 +181,9 @@ def test_fewer_than_k_sparse_entries_are_accepted():
 
 
 # -- the server --------------------------------------------------------------------
-def hn_strategy(transfer: str) -> MHPFedHN:
-    cfg = load_run_config(
+def hn_config(transfer: str):
+    """The run config of :func:`hn_strategy`; the engine's checks read it too."""
+    return load_run_config(
         {
             "chunk-size": 16,
             "max-delta-norm": 100.0,
@@ -189,7 +191,10 @@ def hn_strategy(transfer: str) -> MHPFedHN:
             "topk-fraction": FRACTION,
         }
     )
-    strategy = MHPFedHN(cfg)
+
+
+def hn_strategy(transfer: str) -> MHPFedHN:
+    strategy = MHPFedHN.from_config(hn_config(transfer))
     strategy.clients = registry()
     strategy.setup(strategy.clients)
     return strategy
@@ -222,14 +227,13 @@ def test_malformed_sparse_replies_change_nothing(
     strategy = topk_strategy
     arrays, match = MALFORMED_SPARSE.get(case, HUGE)
     reasons: list[str] = []
-    reject = strategy.reject
+    reject = ReplyCheck.reject
     monkeypatch.setattr(
-        strategy, "reject", lambda *a: (reasons.append(a[2]), reject(*a))
+        ReplyCheck, "reject", lambda s, *a: (reasons.append(a[2]), reject(s, *a))
     )
     before = snapshot(strategy)
-    strategy.rejected = 0
-    apply(strategy, sparse_reply(arrays), mode)
-    assert strategy.rejected == 1 and re.search(match, reasons[0]), reasons
+    check = apply(strategy, sparse_reply(arrays), mode, hn_config("topk"))
+    assert check.rejected == 1 and re.search(match, reasons[0]), reasons
     assert_same(before, snapshot(strategy))
 
 
@@ -239,9 +243,11 @@ def test_a_sparse_reply_acts_exactly_like_its_dense_delta():
     dense = decode_update(arrays, P.DELTA, K, "topk", FRACTION)
     sparse_side, dense_side = hn_strategy("topk"), hn_strategy("fp32")
     start = snapshot(dense_side)
-    apply(sparse_side, sparse_reply(arrays), "sequential")
-    apply(dense_side, reply(delta=dense), "sequential")
-    assert sparse_side.rejected == dense_side.rejected == 0
+    sparse_check = apply(
+        sparse_side, sparse_reply(arrays), "sequential", hn_config("topk")
+    )
+    dense_check = apply(dense_side, reply(delta=dense), "sequential", hn_config("fp32"))
+    assert sparse_check.rejected == dense_check.rejected == 0
     assert_same(snapshot(sparse_side), snapshot(dense_side))
     changed = snapshot(dense_side)[0]["embeddings.a"]
     assert not torch.equal(start[0]["embeddings.a"], changed)
@@ -266,7 +272,7 @@ def test_fp16_halves_and_topk_shrinks_the_bytes():
     encodings = [("fp32", 1.0), ("fp16", 1.0), ("topk", 0.1), ("topk", 0.01)]
     for transfer, fraction in encodings:
         cfg = {"chunk-size": 1000, "transfer": transfer, "topk-fraction": fraction}
-        strategy = MHPFedHN(load_run_config(cfg))
+        strategy = MHPFedHN.from_config(load_run_config(cfg))
         strategy.clients = ClientRegistry([client])
         strategy.setup(strategy.clients)
         down[transfer, fraction] = payload_bytes(strategy.train_payload(client, 1))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from common import protocol as P
 from common.config import load_run_config
+from server_app.engine.loop import Engine
 from server_app.strategies.fedavg import FedAvg
 from server_app.strategies.mh_pfedhn import MHPFedHN
 from tests.helpers import (
@@ -25,13 +26,16 @@ from tests.helpers import (
     registry,
     reply,
     snapshot,
+    validate,
 )
+
+#: The run config of :func:`hn_strategy`; the engine's checks read it too.
+HN_CONFIG = {"chunk-size": 16, "max-delta-norm": 100.0}
 
 
 @pytest.fixture(scope="module")
 def hn_strategy() -> MHPFedHN:
-    cfg = load_run_config({"chunk-size": 16, "max-delta-norm": 100.0})
-    strategy = MHPFedHN(cfg)
+    strategy = MHPFedHN.from_config(load_run_config(HN_CONFIG))
     strategy.clients = registry()
     strategy.setup(strategy.clients)
     # One real step so that the optimizer has state to compare.
@@ -89,17 +93,15 @@ malformed = st.one_of(
 def test_malformed_replies_change_nothing(hn_strategy, message, mode):
     strategy = hn_strategy
     before = snapshot(strategy)
-    strategy.rejected = 0
-    apply(strategy, message, mode)
-    assert strategy.rejected == 1
+    assert apply(strategy, message, mode, load_run_config(HN_CONFIG)).rejected == 1
     assert_same(before, snapshot(strategy))
 
 
 def test_a_good_reply_still_updates(hn_strategy):
     before = snapshot(hn_strategy)
-    valid = hn_strategy._valid_replies(1, [reply()], "train")
+    valid, _ = validate(hn_strategy, [reply()], cfg=load_run_config(HN_CONFIG))
     assert len(valid) == 1
-    hn_strategy.absorb(*valid[0])
+    hn_strategy.apply_train_reply(1, valid[0])
     changed = hn_strategy.hn.state_dict()["embeddings.a"]
     assert not torch.equal(before[0]["embeddings.a"], changed)
 
@@ -107,19 +109,21 @@ def test_a_good_reply_still_updates(hn_strategy):
 @settings(max_examples=30, deadline=None)
 @given(delta=bad_delta(SIZES["a"]))
 def test_fedavg_ignores_bad_deltas(delta):
-    strategy = FedAvg(load_run_config({"strategy": "fedavg", "max-delta-norm": 100}))
-    strategy.clients = registry()
+    cfg = load_run_config({"strategy": "fedavg", "max-delta-norm": 100})
+    strategy = FedAvg.from_config(cfg)
     strategy.vector = np.arange(50, dtype=np.float32)
-    valid = strategy._valid_replies(1, [reply(delta=delta)], "train")
-    strategy.apply_train_replies(1, valid)
+    valid, check = validate(strategy, [reply(delta=delta)], cfg=cfg)
+    assert not valid and check.rejected == 1
     assert np.array_equal(strategy.vector, np.arange(50, dtype=np.float32))
 
 
 def test_too_few_replies_skip_the_update(monkeypatch):
     cfg = load_run_config({"strategy": "fedavg", "min-train-clients": 2})
-    strategy = FedAvg(cfg)
+    strategy = FedAvg.from_config(cfg)
     strategy.clients = registry()
     strategy.vector = np.zeros(50, np.float32)
-    strategy.aggregate_train(1, [reply(), reply(error=True)])
+    engine = Engine(strategy, cfg)
+    engine.clients = registry()
+    valid = engine.aggregate_train(1, [reply(), reply(error=True)])
     assert np.array_equal(strategy.vector, np.zeros(50, np.float32))
-    assert strategy.rejected == 1
+    assert engine.check.rejected == 1 and len(valid) == 1

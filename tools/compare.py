@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from .machine import record_machine
 from .preset import Preset, PresetError, RunSpec, absolute, load_preset
 from .report import (
     FINISHED,
@@ -195,6 +196,8 @@ class Runner:
         if timed_out:
             # The run goes on inside the SuperLink: stop it with its processes.
             self.stop()
+        if run_dir(self.out, spec.name).is_dir():
+            record_machine(run_dir(self.out, spec.name))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, load_run_config
-from common.machine import describe as describe_machine
+from tools.machine import describe as describe_machine
 
 from .preset import Preset, RunSpec
 

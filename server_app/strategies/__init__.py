@@ -39,7 +39,7 @@ def build_strategy(cfg: RunConfig):
             f"run-config key 'strategy' = {cfg.strategy!r} is not allowed: unknown "
             f"strategy; allowed: {', '.join(available_strategies())}"
         )
-    return STRATEGIES[cfg.strategy](cfg)
+    return STRATEGIES[cfg.strategy].from_config(cfg)
 
 
 # Import every module of this package so that its strategy registers itself.

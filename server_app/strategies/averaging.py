@@ -20,16 +20,17 @@ from flwr.common.logger import log
 
 from common import protocol as P
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Dense, Expect, Reply
 from .aggregate import weighted_mean
-from .base import HeteroStrategy
+from .base import Algorithm
 
 
 class SharedVectorMismatch(ValueError):
     """Clients uploaded vectors of different lengths: the setting cannot work."""
 
 
-class AveragingStrategy(HeteroStrategy):
+class AveragingStrategy(Algorithm):
     """Base: one shared vector, sent down and averaged from the replies."""
 
     down_key: ClassVar[str] = P.THETA
@@ -39,8 +40,8 @@ class AveragingStrategy(HeteroStrategy):
     what: ClassVar[str] = "shared vector"
     checkpoint_attributes = ("vector",)
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.vector: np.ndarray | None = None
 
     def initial_vector(self, clients: ClientRegistry) -> np.ndarray | None:
@@ -55,17 +56,16 @@ class AveragingStrategy(HeteroStrategy):
             return RecordDict()
         return RecordDict({P.ARRAYS: ArrayRecord({self.down_key: Array(self.vector)})})
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
-        shape = None if self.vector is None else self.vector.shape
-        uploads = []
-        for client, content in replies:
-            value = self.reply_array(
-                client, content, self.up_key, shape, update=self.up_is_delta
-            )
-            if value is not None and value.ndim == 1:
-                uploads.append((client.name, value, self.num_examples(content)))
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``up_key``: a vector of the shared vector's length (any length while
+        it is unknown)."""
+        shape = (None,) if self.vector is None else self.vector.shape
+        return {self.up_key: Dense(shape, delta=self.up_is_delta)}
+
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
+        uploads = [
+            (r.client.name, r.arrays[self.up_key], r.num_examples) for r in replies
+        ]
         if not uploads:
             log(WARNING, "round %d: no usable %s; %s unchanged", server_round,
                 self.up_key, self.what)  # fmt: skip

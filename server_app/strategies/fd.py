@@ -40,6 +40,7 @@ Deviations from HtFLlib (``clientfd.py``, ``serverfd.py``, ``main.py``):
 from __future__ import annotations
 
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -47,20 +48,21 @@ from flwr.common.logger import log
 
 from common import protocol as P
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Dense, Expect, Reply
 from . import register_strategy
 from .aggregate import class_mean
-from .base import HeteroStrategy
+from .base import Algorithm
 
 
 @register_strategy("fd")
-class FedDistill(HeteroStrategy):
+class FedDistill(Algorithm):
     """Per-class mean logits, averaged over the clients holding each class."""
 
     checkpoint_attributes = ("logits", "counts")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.num_classes = 0
         self.logits: np.ndarray | None = None
         self.counts: np.ndarray | None = None
@@ -79,21 +81,20 @@ class FedDistill(HeteroStrategy):
         """Nothing: evaluation uses the kept personal model only."""
         return RecordDict()
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``logits`` ``[C, C]`` and ``proto-counts`` ``[C]``, finite floats."""
         c = self.num_classes
-        tables, counts = [], []
-        for client, content in replies:
-            table = self.reply_array(client, content, P.LOGITS, (c, c))
-            count = self.reply_array(client, content, P.PROTO_COUNTS, (c,))
-            if table is None or count is None:
-                continue
-            if (count < 0).any():
-                log(WARNING, "client %s: negative class counts rejected", client.name)
-                continue
-            tables.append(table)
-            counts.append(count)
+        return {P.LOGITS: Dense((c, c)), P.PROTO_COUNTS: Dense((c,))}
+
+    def read_reply(self, client: ClientInfo, arrays: dict[str, Any]) -> dict[str, Any]:
+        """Counts must be non-negative."""
+        if (arrays[P.PROTO_COUNTS] < 0).any():
+            raise ValueError(f"negative class counts in '{P.PROTO_COUNTS}'")
+        return arrays
+
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
+        tables = [r.arrays[P.LOGITS] for r in replies]
+        counts = [r.arrays[P.PROTO_COUNTS] for r in replies]
         if not tables:
             log(WARNING, "round %d: no usable logits; global logits unchanged",
                 server_round)  # fmt: skip

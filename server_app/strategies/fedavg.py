@@ -14,6 +14,8 @@ the ResNets, which FedAvg (homogeneous) rarely uses here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -21,9 +23,10 @@ from common import protocol as P
 from common.flat import flatten_params
 from common.models import build_model
 
-from ..registry import ClientRegistry
+from ..engine.registry import ClientRegistry
 from . import register_strategy
 from .averaging import AveragingStrategy
+from .base import Params
 
 
 def initial_model_vector(name: str, clients: ClientRegistry, seed: int) -> np.ndarray:
@@ -34,18 +37,27 @@ def initial_model_vector(name: str, clients: ClientRegistry, seed: int) -> np.nd
     return flatten_params(model).numpy()
 
 
+@dataclass(frozen=True)
+class FedAvgParams(Params):
+    model_list: list[str]
+
+
 @register_strategy("fedavg")
 class FedAvg(AveragingStrategy):
     """Example-weighted averaging of one global model."""
 
+    Params = FedAvgParams
+
     down_key, up_key, up_is_delta, what = P.THETA, P.DELTA, True, "global model"
 
     def initial_vector(self, clients: ClientRegistry) -> np.ndarray:
-        vector = initial_model_vector(self.cfg.model_list[0], clients, self.cfg.seed)
+        vector = initial_model_vector(
+            self.params.model_list[0], clients, self.params.seed
+        )
         sizes = {c.name: c.num_params for c in clients if c.num_params != len(vector)}
         if sizes:
             raise ValueError(
                 f"fedavg: clients {sizes} do not have the {len(vector)} parameters of "
-                f"'{self.cfg.model_list[0]}'; every client must run that model"
+                f"'{self.params.model_list[0]}'; every client must run that model"
             )
         return vector

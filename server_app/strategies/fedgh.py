@@ -48,11 +48,12 @@ from torch import nn
 from common import protocol as P
 from common.flat import flatten_params
 
-from ..registry import ClientInfo
+from ..engine.registry import ClientInfo
 from . import register_strategy
 from .prototypes import (
     ClientPrototypes,
     PrototypeStrategy,
+    ServerTrainingParams,
     prototype_pairs,
     round_generator,
     seeded_module,
@@ -71,10 +72,12 @@ def header_loss(
 class FedGH(PrototypeStrategy):
     """A global header trained on the uploaded prototypes."""
 
+    Params = ServerTrainingParams
+
     checkpoint_attributes = (*PrototypeStrategy.checkpoint_attributes, "header")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.header: nn.Linear | None = None
         self.server_loss = float("nan")
 
@@ -88,7 +91,7 @@ class FedGH(PrototypeStrategy):
         """The header, once ``D`` is known (seeded by ``seed``)."""
         dim, classes = self.feature_dim, self.num_classes
         assert attr == "header" and dim is not None
-        return seeded_module(self.cfg.seed, lambda: nn.Linear(dim, classes))
+        return seeded_module(self.params.seed, lambda: nn.Linear(dim, classes))
 
     def update(self, server_round: int, uploads: list[ClientPrototypes]) -> None:
         if self.header is None:
@@ -99,9 +102,9 @@ class FedGH(PrototypeStrategy):
             x,
             y,
             header_loss,
-            self.cfg.server_epochs,
-            self.cfg.server_lr,
-            round_generator(self.cfg.seed, server_round),
+            self.params.server_epochs,
+            self.params.server_lr,
+            round_generator(self.params.seed, server_round),
         )
         log(INFO, "round %d: global header trained on %d prototypes, loss %.4f",
             server_round, len(y), self.server_loss)  # fmt: skip

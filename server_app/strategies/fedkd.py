@@ -69,7 +69,9 @@ Deviations from HtFLlib (``clientkd.py``, ``serverkd.py``, ``main.py``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -79,21 +81,32 @@ from common import lowrank
 from common import protocol as P
 from common.models import build_model
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Dense, Expect, Reply
 from . import register_strategy
 from .aggregate import weighted_mean
-from .base import HeteroStrategy
+from .base import Algorithm, Params
 from .fedavg import initial_model_vector
 
 
+@dataclass(frozen=True)
+class FedKDParams(Params):
+    global_model: str
+    num_server_rounds: int
+    fedkd_energy_start: float
+    fedkd_energy_end: float
+
+
 @register_strategy("fedkd")
-class FedKD(HeteroStrategy):
+class FedKD(Algorithm):
     """Example-weighted average of SVD-compressed students."""
+
+    Params = FedKDParams
 
     checkpoint_attributes = ("vector", "factors", "ranks")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.shapes: list[tuple[int, ...]] = []
         self.vector: np.ndarray | None = None
         self.factors: np.ndarray | None = None
@@ -101,27 +114,29 @@ class FedKD(HeteroStrategy):
 
     def setup(self, clients: ClientRegistry) -> None:
         first = clients[clients.names[0]]
-        model = build_model(self.cfg.global_model, first.num_classes, first.in_channels)
+        model = build_model(
+            self.params.global_model, first.num_classes, first.in_channels
+        )
         self.shapes = lowrank.param_shapes(model)
         self.vector = initial_model_vector(
-            self.cfg.global_model, clients, self.cfg.seed
+            self.params.global_model, clients, self.params.seed
         )
         self.factors = self.ranks = None
 
     def energy(self, server_round: int) -> float:
-        cfg = self.cfg
+        p = self.params
         return lowrank.energy_at(
             server_round,
-            cfg.num_server_rounds,
-            cfg.fedkd_energy_start,
-            cfg.fedkd_energy_end,
+            p.num_server_rounds,
+            p.fedkd_energy_start,
+            p.fedkd_energy_end,
         )
 
     def summary(self) -> None:
         log(INFO, "Strategy fedkd with %d clients: student '%s' (%d parameters), "
-            "energy %.3f -> %.3f", len(self.clients), self.cfg.global_model,
+            "energy %.3f -> %.3f", len(self.clients), self.params.global_model,
             len(self.vector) if self.vector is not None else 0,
-            self.energy(1), self.energy(self.cfg.num_server_rounds))  # fmt: skip
+            self.energy(1), self.energy(self.params.num_server_rounds))  # fmt: skip
 
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         if self.factors is None or self.ranks is None:
@@ -138,29 +153,21 @@ class FedKD(HeteroStrategy):
         """Nothing: evaluation uses the kept personal model only."""
         return RecordDict()
 
-    def uploaded_student(
-        self, client: ClientInfo, content: RecordDict
-    ) -> np.ndarray | None:
-        """The student a reply encodes, rebuilt; None (logged) if malformed."""
-        factors = self.reply_array(client, content, lowrank.FACTORS)
-        if factors is None:
-            return None
-        try:
-            ranks = content[P.ARRAYS][lowrank.RANKS].numpy()
-            return lowrank.decompress(factors, ranks, self.shapes)
-        except (KeyError, TypeError, ValueError) as err:
-            log(WARNING, "client %s: unusable compressed student rejected (%s)",
-                client.name, err)  # fmt: skip
-            return None
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``shared-factors`` (floats) and ``shared-ranks`` (integers)."""
+        return {
+            lowrank.FACTORS: Dense((None,)),
+            lowrank.RANKS: Dense(integer=True),
+        }
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
-        uploads = []
-        for client, content in replies:
-            student = self.uploaded_student(client, content)
-            if student is not None:
-                uploads.append((student, self.num_examples(content)))
+    def read_reply(self, client: ClientInfo, arrays: dict[str, Any]) -> dict[str, Any]:
+        """The student the factors encode, rebuilt (``ValueError`` if they do
+        not fit its shapes)."""
+        factors, ranks = arrays[lowrank.FACTORS], arrays[lowrank.RANKS]
+        return {P.SHARED: lowrank.decompress(factors, ranks, self.shapes)}
+
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
+        uploads = [(r.arrays[P.SHARED], r.num_examples) for r in replies]
         if not uploads:
             log(WARNING, "round %d: no usable student; unchanged", server_round)
             return

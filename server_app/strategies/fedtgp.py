@@ -58,6 +58,7 @@ Follows HtFLlib's ``servertgp.py`` / ``clienttgp.py`` (``lamda`` 1.0,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO
 
 import numpy as np
@@ -70,6 +71,7 @@ from . import register_strategy
 from .prototypes import (
     ClientPrototypes,
     PrototypeStrategy,
+    ServerTrainingParams,
     prototype_pairs,
     round_generator,
     seeded_module,
@@ -126,14 +128,21 @@ def tgp_loss(
     return F.cross_entropy(-dist, labels)
 
 
+@dataclass(frozen=True)
+class FedTGPParams(ServerTrainingParams):
+    tgp_margin: float
+
+
 @register_strategy("fedtgp")
 class FedTGP(PrototypeStrategy):
     """Global prototypes from a generator trained with an adaptive margin."""
 
+    Params = FedTGPParams
+
     checkpoint_attributes = (*PrototypeStrategy.checkpoint_attributes, "generator")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.generator: TrainablePrototypes | None = None
         self.margin = float("nan")
         self.server_loss = float("nan")
@@ -143,14 +152,14 @@ class FedTGP(PrototypeStrategy):
         classes, dim = self.num_classes, self.feature_dim
         assert attr == "generator" and dim is not None
         return seeded_module(
-            self.cfg.seed, lambda: TrainablePrototypes(classes, dim, dim)
+            self.params.seed, lambda: TrainablePrototypes(classes, dim, dim)
         )
 
     def update(self, server_round: int, uploads: list[ClientPrototypes]) -> None:
         if self.generator is None:
             self.generator = self.build_module("generator")
         self.margin = adaptive_margin(
-            *self.mean_prototypes(uploads), self.cfg.tgp_margin
+            *self.mean_prototypes(uploads), self.params.tgp_margin
         )
         margin = self.margin
         x, y = prototype_pairs(uploads)
@@ -159,9 +168,9 @@ class FedTGP(PrototypeStrategy):
             x,
             y,
             lambda gen, q, c: tgp_loss(q, c, gen(), margin),
-            self.cfg.server_epochs,
-            self.cfg.server_lr,
-            round_generator(self.cfg.seed, server_round),
+            self.params.server_epochs,
+            self.params.server_lr,
+            round_generator(self.params.seed, server_round),
         )
         with torch.no_grad():
             self.global_protos = self.generator().numpy().astype(np.float32)

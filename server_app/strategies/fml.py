@@ -50,16 +50,23 @@ Deviations from HtFLlib (``clientfml.py``, ``serverfml.py``, ``main.py``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from flwr.app import RecordDict
 
 from common import protocol as P
-from common.config import ConfigError
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
 from . import register_strategy
 from .averaging import AveragingStrategy
+from .base import Params
 from .fedavg import initial_model_vector
+
+
+@dataclass(frozen=True)
+class FMLParams(Params):
+    global_model: str
 
 
 @register_strategy("fml")
@@ -69,18 +76,10 @@ class FML(AveragingStrategy):
     down_key, up_key, up_is_delta, what = P.SHARED, P.SHARED, False, "shared model"
     checkpoint_attributes = ("vector",)
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        for key, value in (("fml-alpha", cfg.fml_alpha), ("fml-beta", cfg.fml_beta)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(
-                    f"run-config key '{key}' = {value} is not allowed: FML weighs "
-                    "cross-entropy by it and the KL term by 1 minus it, so it must "
-                    "lie in [0, 1]"
-                )
+    Params = FMLParams
 
     def initial_vector(self, clients: ClientRegistry) -> np.ndarray:
-        return initial_model_vector(self.cfg.global_model, clients, self.cfg.seed)
+        return initial_model_vector(self.params.global_model, clients, self.params.seed)
 
     def eval_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         """Nothing: evaluation uses the kept personal model only."""

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from flwr.app import RecordDict
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Reply
 from . import register_strategy
-from .base import HeteroStrategy
+from .base import Algorithm
 
 
 @register_strategy("local")
-class Local(HeteroStrategy):
+class Local(Algorithm):
     """Clients train alone; the server holds no model."""
 
     def setup(self, clients: ClientRegistry) -> None:
@@ -24,7 +25,5 @@ class Local(HeteroStrategy):
     def train_payload(self, client: ClientInfo, server_round: int) -> RecordDict:
         return RecordDict()
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
         """Nothing to aggregate."""

@@ -29,6 +29,7 @@ Evaluation sends only ``theta_i``: the global model is never evaluated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from logging import INFO
 
 from flwr.app import ArrayRecord, RecordDict
@@ -37,31 +38,41 @@ from flwr.common.logger import log
 from common import protocol as P
 from common.models import build_model, num_trainable
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Expect, Reply, Update
 from . import register_strategy
-from .mh_pfedhn import MHPFedHN
+from .mh_pfedhn import MHPFedHN, MHPFedHNParams
 
 #: Hypernetwork entry of the global model (client names cannot start with "_").
 GLOBAL = "_global"
+
+
+@dataclass(frozen=True)
+class MHPFedHNGDParams(MHPFedHNParams):
+    global_model: str
 
 
 @register_strategy("mh-pfedhngd")
 class MHPFedHNGD(MHPFedHN):
     """MH-pFedHN with a hypernetwork-generated global teacher."""
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    Params = MHPFedHNGDParams
+
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self._global_round: int | None = None  # round whose g is in self._global
         self._global = None
 
     def setup(self, clients: ClientRegistry) -> None:
         first = clients[clients.names[0]]
-        model = build_model(self.cfg.global_model, first.num_classes, first.in_channels)
+        model = build_model(
+            self.params.global_model, first.num_classes, first.in_channels
+        )
         self.register(GLOBAL, num_trainable(model))
         log(
             INFO,
             "Global model %s: %d parameters",
-            self.cfg.global_model,
+            self.params.global_model,
             self.hn.num_params[GLOBAL],
         )
         super().setup(clients)
@@ -81,27 +92,35 @@ class MHPFedHNGD(MHPFedHN):
             }
         )
 
-    def global_step(self, replies: list[tuple[ClientInfo, RecordDict]]) -> None:
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``delta`` and, while the global model trains, ``global-delta``."""
+        arrays = super().expects(client)
+        if not self.fitting_novel:
+            arrays[P.GLOBAL_DELTA] = Update(self.hn.num_params[GLOBAL])
+        return arrays
+
+    def global_step(self, replies: list[Reply]) -> None:
         """One Adam step on the example-weighted sum of the global VJPs.
 
         (Not while novel clients are fitted: the global model is frozen then.)
         """
-        if self.phase == "novel":
+        if self.fitting_novel:
             return
-        usable = []
-        for client, content in replies:
-            delta = self.reply_delta(client, content, P.GLOBAL_DELTA, of=GLOBAL)
-            if delta is not None:
-                usable.append((delta, int(content[P.METRICS][P.NUM_EXAMPLES])))
-        total = sum(n for _, n in usable)
+        total = sum(r.num_examples for r in replies)
         if total > 0:
-            self.hn_step([(GLOBAL, delta, n / total) for delta, n in usable])
+            self.hn_step(
+                [(GLOBAL, r.arrays[P.GLOBAL_DELTA], r.num_examples / total)
+                 for r in replies]
+            )  # fmt: skip
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
         self.global_step(replies)
         super().apply_train_replies(server_round, replies)
 
-    def end_train_phase(self, replies: list[tuple[ClientInfo, RecordDict]]) -> None:
-        self.global_step(replies)
+    def end_ordered_round(
+        self, server_round: int, replies: list[Reply], complete: bool
+    ) -> None:
+        """The global step closes a complete round (it needs every ``delta_g``)."""
+        if complete:
+            self.global_step(replies)
+        super().end_ordered_round(server_round, replies, complete)

@@ -4,10 +4,10 @@ Each round every training client uploads its class prototypes ``protos``
 (``[C, D]`` float32: per class the mean of its ``D``-wide penultimate features
 over its train split) and ``proto-counts`` (``[C]``: examples behind each row, 0
 = the client does not hold the class). :class:`PrototypeStrategy` reads and
-validates them (:meth:`PrototypeStrategy.read_prototypes`) and hands the usable
-ones to the strategy's :meth:`PrototypeStrategy.update`; by default it sends the
-global prototypes down as ``protos`` ``[C, D]`` with the 0/1 present mask in
-``proto-counts``.
+declares them (:meth:`PrototypeStrategy.expects`, checked by the engine) and
+hands the accepted ones to the strategy's :meth:`PrototypeStrategy.update`; by
+default it sends the global prototypes down as ``protos`` ``[C, D]`` with the 0/1
+present mask in ``proto-counts``.
 
 Server-side training (FedTGP's prototype generator, FedGH's global header) runs
 on HtFLlib's data set of uploaded prototypes, one ``(prototype, class)`` pair per
@@ -22,6 +22,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from logging import WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +33,10 @@ from torch import nn
 from common import protocol as P
 from common.threads import one_thread
 
-from ..registry import ClientInfo, ClientRegistry
+from ..engine.registry import ClientInfo, ClientRegistry
+from ..engine.replies import Dense, Expect, Reply
 from .aggregate import class_mean
-from .base import HeteroStrategy
+from .base import Algorithm, Params
 
 #: Mini-batch size of the server-side training: HtFLlib's ``args.batch_size``
 #: default (10), which HtFLlib's FedTGP and FedGH servers use.
@@ -130,7 +132,15 @@ def seeded_module(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-class PrototypeStrategy(HeteroStrategy):
+@dataclass(frozen=True)
+class ServerTrainingParams(Params):
+    """Training on the server (FedGH's head, FedTGP's generator)."""
+
+    server_epochs: int
+    server_lr: float
+
+
+class PrototypeStrategy(Algorithm):
     """Base: reads and validates uploaded prototypes; sends global prototypes.
 
     Attributes
@@ -145,8 +155,8 @@ class PrototypeStrategy(HeteroStrategy):
 
     checkpoint_attributes = ("feature_dim", "global_protos", "present")
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, params) -> None:
+        super().__init__(params)
         self.num_classes = 0
         self.feature_dim: int | None = None
         self.global_protos: np.ndarray | None = None
@@ -166,52 +176,43 @@ class PrototypeStrategy(HeteroStrategy):
             return RecordDict()
         return prototypes_payload(self.global_protos, self.present)
 
-    def apply_train_replies(
-        self, server_round: int, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> None:
-        uploads = self.read_prototypes(replies)
+    def expects(self, client: ClientInfo) -> dict[str, Expect]:
+        """``protos`` ``[C, D]`` and ``proto-counts`` ``[C]``, finite floats."""
+        classes = self.num_classes
+        return {P.PROTOS: Dense((classes, None)), P.PROTO_COUNTS: Dense((classes,))}
+
+    def read_reply(self, client: ClientInfo, arrays: dict[str, Any]) -> dict[str, Any]:
+        """Counts must be non-negative and hold at least one class."""
+        counts = arrays[P.PROTO_COUNTS]
+        if (counts < 0).any() or not (counts > 0).any():
+            raise ValueError(
+                f"'{P.PROTO_COUNTS}' {counts.tolist()}: negative or no class"
+            )
+        return arrays
+
+    def apply_train_replies(self, server_round: int, replies: list[Reply]) -> None:
+        """Check the widths ``D`` agree, then :meth:`update`.
+
+        A width other than the one learnt from the first upload raises
+        :class:`PrototypeWidthMismatch`: prototypes of different feature spaces
+        cannot be compared.
+        """
+        uploads = [
+            ClientPrototypes(
+                r.client.name, r.arrays[P.PROTOS], r.arrays[P.PROTO_COUNTS]
+            )
+            for r in replies
+        ]
         if not uploads:
             log(WARNING, "round %d: no usable prototypes; %s state unchanged",
                 server_round, self.name)  # fmt: skip
             return
+        self.check_widths(uploads)
         self.update(server_round, uploads)
 
     @abstractmethod
     def update(self, server_round: int, uploads: list[ClientPrototypes]) -> None:
         """Update the server state from this round's validated uploads."""
-
-    def read_prototypes(
-        self, replies: list[tuple[ClientInfo, RecordDict]]
-    ) -> list[ClientPrototypes]:
-        """The usable uploads of ``replies``, validated.
-
-        Rejected (logged and counted, :meth:`reject`): ``protos`` that are not
-        a finite float ``[C, D]`` array, ``proto-counts`` that are not a finite,
-        non-negative float ``[C]`` array, or counts that hold no class. A width
-        ``D`` other than the one learnt from the first valid upload raises
-        :class:`PrototypeWidthMismatch`: prototypes of different feature spaces
-        cannot be compared.
-        """
-        uploads = []
-        classes = self.num_classes
-        for client, content in replies:
-            protos = self.reply_array(client, content, P.PROTOS)
-            if protos is None:
-                continue
-            if protos.ndim != 2 or protos.shape[0] != classes:
-                why = f"'{P.PROTOS}' of shape {protos.shape}, not ({classes}, D)"
-                self.reject(client.name, "train", why)
-                continue
-            counts = self.reply_array(client, content, P.PROTO_COUNTS, (classes,))
-            if counts is None:
-                continue
-            if (counts < 0).any() or not (counts > 0).any():
-                why = f"'{P.PROTO_COUNTS}' {counts.tolist()}: negative or no class"
-                self.reject(client.name, "train", why)
-                continue
-            uploads.append(ClientPrototypes(client.name, protos, counts))
-        self.check_widths(uploads)
-        return uploads
 
     def check_widths(self, uploads: list[ClientPrototypes]) -> None:
         """Learn ``D`` from the first upload; raise if any other width appears."""

@@ -9,6 +9,7 @@ beside their numbers, so a reader can tell which figures share a machine.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import metadata
@@ -75,3 +76,14 @@ def describe(facts: dict[str, Any]) -> str:
     if facts.get("cuda"):
         text += f", {facts['cuda']}"
     return text
+
+
+def record_machine(run_dir: Path) -> None:
+    """Write ``<run_dir>/machine.json``: a list of starts, each ``from_round`` and
+    :func:`machine` (one start: a comparison never resumes a run, it reruns it).
+
+    Written by the launcher on the host that ran the simulation, so a table that
+    joins records of several sessions can say which rows share a machine.
+    """
+    entry = {"from_round": 0, **machine()}
+    (run_dir / "machine.json").write_text(json.dumps([entry], indent=2) + "\n")

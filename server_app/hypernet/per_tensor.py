@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hypernet import ClientGenerator
+from .generator import ClientGenerator
 
 
 class PerTensorHyperNetwork(ClientGenerator):
