@@ -103,14 +103,20 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint; a truncated or foreign file raises CheckpointError."""
+def read_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint; a truncated or foreign file raises CheckpointError.
+
+    ``mmap``: map the tensors instead of reading them (a launcher's quick check
+    of a multi-GB file).
+    """
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for a damaged file
+        # torch's own text suggests weights_only=False, which would run code.
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or not a checkpoint of "
-            f"this app): {type(err).__name__}: {err}"
+            f"checkpoint {path} cannot be read ({type(err).__name__}): it is "
+            "truncated or not a checkpoint of this app; give the checkpoint.pt "
+            "of a run of this app, or its run folder"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else None

@@ -86,6 +86,15 @@ def test_a_bad_value_is_one_line_and_exit_2(capsys, data, text, expected):
     assert "Traceback" not in err
 
 
+def test_a_garbage_checkpoint_fails_in_the_launcher(capsys, data, tmp_path):
+    garbage = tmp_path / "checkpoint.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    code, out, err = main(capsys, *overrides(data, f"resume-from='{garbage}'"))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"checkpoint {garbage} cannot be read (" in err
+    assert "weights_only" not in err  # torch's advice would run the file's code
+
+
 def test_missing_data_is_one_message_and_no_folder_is_left(capsys, tmp_path):
     missing = tmp_path / "missing"
     code, out, err = main(
@@ -303,12 +312,14 @@ def test_a_failing_serverapp_exits_non_zero(tmp_path):
         "--results-dir",
         str(tmp_path / "results"),
         "--run-config",
-        f"dataset='imagefolder' resume-from='{garbage}'",
+        f"dataset='imagefolder' hypernet-from='{garbage}'",
     )
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 1, out[-4000:]
-    assert "failed before round 1 (no results folder): CheckpointError:" in out
-    assert "cannot be read" in out
+    # The launcher only checks that the file exists; the ServerApp fails reading it.
+    assert "failed without a summary" in out or "failed after 0/" in out, out[-4000:]
+    assert f"hypernet-from {garbage} cannot be read (UnpicklingError)" in out
+    assert "weights_only" not in out.split("failed", 1)[-1]
     _nothing_left(tmp_path)
 
 

@@ -236,11 +236,14 @@ def federation(path: str, clients: str) -> tuple[int, dict[str, Any]]:
     return count, settings
 
 
-def _resume_from(value: str, results_dir: str) -> str:
-    """The absolute checkpoint path ``resume-from`` names (results-dir first)."""
-    from server_app.checkpoint import checkpoint_path
+def _resume_from(cfg: Any) -> str:
+    """The absolute checkpoint path ``resume-from`` names (results-dir first),
+    checked to be a readable checkpoint this run config can continue."""
+    from server_app.checkpoint import check_compatible, checkpoint_path, read_checkpoint
 
-    return str(checkpoint_path(value, results_dir))
+    path = checkpoint_path(cfg.resume_from, cfg.results_dir)
+    check_compatible(read_checkpoint(path, mmap=True), cfg, path)
+    return str(path)
 
 
 def _hypernet_from(given: str, value: str) -> None:
@@ -318,7 +321,7 @@ def prepare(args: argparse.Namespace) -> Launch:
         build_strategy(cfg)  # the registry's names and per-strategy checks
         cfg.torch_device()  # device = "cuda" without CUDA
         if cfg.resume_from:
-            chosen["resume-from"] = _resume_from(cfg.resume_from, cfg.results_dir)
+            chosen["resume-from"] = _resume_from(cfg)
     except ConfigError as err:
         raise LaunchError(str(err)) from None
     if cfg.min_clients > num_supernodes:

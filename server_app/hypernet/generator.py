@@ -60,7 +60,13 @@ class ClientGenerator(nn.Module):
         named in ``skip`` keep their fresh initialisation. Returns the keys of the
         heads that were loaded.
         """
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged file
+            raise ValueError(
+                f"hypernet-from {path} cannot be read ({type(err).__name__}): it is "
+                "truncated or not a hypernet.pt of this app"
+            ) from None
         if saved["shape"] != self._shape():
             raise ValueError(
                 f"hypernet-from {path}: saved with {self.shape_names} = "
