@@ -92,7 +92,7 @@ class RunConfig(BaseModel):
     #: ``by-size``: clients of equal size side by side in the window, so no core
     #: waits for a large model beside a small one (the same as ``random`` when
     #: all clients have one size or ``hn-window = 1``).
-    hn_order: Literal["random", "by-size"] = "by-size"
+    hn_order: Literal["random", "by-size"] = "random"
     embed_dim: int = Field(64, ge=1)
     embed_init_std: float = Field(0.002, gt=0.0)
     hidden_dim: int = Field(128, ge=1)
