@@ -629,3 +629,24 @@ def test_table_reads_the_recalibrated_accuracy_when_every_round_has_it(tmp_path)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = report.markdown(report.build_report(out, preset, specs))
     assert "| local | 50.00 | 50.00 | 36.67 | 80.00 / 90.00 |" in md
+
+
+def test_the_hn_order_table_in_the_docs_is_what_the_records_give():
+    """docs/COMPARISON.md's by-size rows are those of the by-size preset's records."""
+    out = ROOT / "docs" / "results" / "cifar10-5models-by-size"
+    preset = load_preset(ROOT / "conf" / "compare" / "cifar10-5models-by-size.toml")
+    docs = (ROOT / "docs" / "COMPARISON.md").read_text()
+    finished = [
+        found
+        for found in (report.inspect_run(out, preset, s) for s in preset.runs())
+        if found.status == report.FINISHED
+    ]
+    assert finished
+    for found in finished:
+        row = (
+            f'| `hn-order = "by-size"` | {found.seed} '
+            f"| {100 * found.final_accuracy:.2f} "
+            f"| {100 * found.best_accuracy:.2f} @ {found.best_round} "
+            f"| {100 * found.last5_accuracy:.2f} |"
+        )
+        assert row in docs, f"docs/COMPARISON.md lacks the row {row}"
