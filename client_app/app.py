@@ -5,9 +5,10 @@ data (:class:`client_app.local.LocalClient`), and delegates the strategy-specifi
 work to the trainer registered for ``strategy``. An exception becomes Flower's
 error reply, which the server reports with the client's name.
 
-With node config ``state-dir``, the client's kept state also lives on disk
-(:mod:`client_app.persist`): restored into a restarted SuperNode's empty
-``context.state`` before the client is built, written after every TRAIN.
+With node config ``state-dir`` (or run-config ``client-state-dir``), the client's
+kept state also lives on disk (:mod:`client_app.persist`): restored into an empty
+``context.state`` (a restarted SuperNode, a resumed run) before the client is
+built, written after every TRAIN.
 
 Run-config ``client-threads`` (when not 0) sets torch's intra-op threads for the
 whole handling of a message, restored afterwards.
@@ -19,11 +20,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
-from common.config import load_run_config
+from common.config import RunConfig, load_run_config
 from common.threads import intra_op_threads
 
 from . import persist
@@ -34,14 +35,21 @@ app = ClientApp()
 
 
 @contextmanager
-def _trainer(context: Context) -> Iterator[ClientTrainer]:
+def _trainer(context: Context, message: Message) -> Iterator[ClientTrainer]:
     """This client (identity, model, data, kept state) and its strategy's trainer,
     built and used on run-config ``client-threads`` intra-op threads."""
     cfg = load_run_config(context.run_config)
     with intra_op_threads(cfg.client_threads):
-        persist.restore(context, client_name(context))
+        persist.restore(context, _state_files(context, cfg, message))
         client = LocalClient.from_context(context, cfg)
         yield build_trainer(cfg.strategy, client, context.state)
+
+
+def _state_files(
+    context: Context, cfg: RunConfig, message: Message
+) -> persist.StateFiles | None:
+    config = message.content.config_records.get(P.CONFIG, ConfigRecord())
+    return persist.StateFiles.of(context, cfg, client_name(context), config)
 
 
 def _round(message: Message) -> int:
@@ -60,7 +68,7 @@ def query(message: Message, context: Context) -> Message:
     """Handshake: name, parameter count, example counts, the task's class and
     channel counts and whether the client joins after training; nothing about
     its architecture."""
-    with _trainer(context) as trainer:
+    with _trainer(context, message) as trainer:
         client = trainer.client
         content = trainer.reply(
             {
@@ -83,7 +91,7 @@ def train(message: Message, context: Context) -> Message:
     training (the previous round's evaluation, carried by this message).
     """
     cpu_start = time.process_time()
-    with _trainer(context) as trainer:
+    with _trainer(context, message) as trainer:
         client = trainer.client
         evaluation = None
         if message.content[P.CONFIG].get(P.EVALUATE_FIRST, False):
@@ -92,7 +100,8 @@ def train(message: Message, context: Context) -> Message:
         if evaluation is not None:
             content[P.EVAL_METRICS] = evaluation
         trainer.save()
-        persist.save(context, client.name, _round(message))
+        files = _state_files(context, client.cfg, message)
+        persist.save(context, files, _round(message))
     return _answer(message, content, cpu_start)
 
 
@@ -100,6 +109,6 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     """Loss and accuracy of the model the server sent on the local test split."""
     cpu_start = time.process_time()
-    with _trainer(context) as trainer:
+    with _trainer(context, message) as trainer:
         content = trainer.evaluate(message.content, _round(message))
     return _answer(message, content, cpu_start)

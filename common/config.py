@@ -148,6 +148,9 @@ class RunConfig(BaseModel):
     #: needed for a resume that equals an uninterrupted run.
     checkpoint_optimizer: bool = True
     resume_from: str = ""
+    #: Simulation: each client's state on disk, so a resumed run keeps it
+    #: (deployment sets node config ``state-dir`` per SuperNode instead).
+    client_state_dir: str = ""
     max_delta_norm: float = Field(0.0, ge=0.0)
     min_train_clients: int = Field(1, ge=1)
 

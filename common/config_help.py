@@ -197,6 +197,12 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "a run directory or checkpoint file: continue that run in its directory "
         "from the round after the checkpoint"
     ),
+    "client-state-dir": (
+        "a folder where every client writes its state (personal model, BatchNorm "
+        "statistics) after each training round, so a run resumed with "
+        "`resume-from` continues it (`make compare` sets it per run); node config "
+        "`state-dir` takes precedence; empty: kept in memory only"
+    ),
     "max-delta-norm": (
         "reject a client update whose L2 norm exceeds this (0 = no limit)"
     ),
@@ -213,7 +219,8 @@ NODE_CONFIG_HELP: dict[str, str] = {
     "`model`": "this client's architecture; overrides the `models` block rule",
     "`data-dir`": "this client's data folder; overrides run-config `data-dir`",
     "`state-dir`": (
-        "where the client keeps its state on disk across SuperNode restarts"
+        "where the client keeps its state on disk across SuperNode restarts and "
+        "resumed runs"
     ),
     "`novel`": (
         "`true`: the client joins only after training "

@@ -1,7 +1,9 @@
 """What crosses the wire: record keys shared by the ServerApp and the ClientApp.
 
+Every message's ``config`` carries :data:`RUN_KEY` and :data:`RESUMED_AT`.
+
 Handshake (QUERY)
-    server -> client: ``config`` ConfigRecord (empty).
+    server -> client: ``config`` ConfigRecord (nothing else).
     client -> server: ``info`` ConfigRecord with :data:`CLIENT_NAME`, and ``metrics``
     MetricRecord with :data:`NUM_PARAMS`, :data:`NUM_TRAIN`, :data:`NUM_TEST`, and
     the dataset's :data:`NUM_CLASSES` and :data:`IN_CHANNELS` (public facts of the
@@ -84,6 +86,12 @@ ROUND = "round"
 #: result in the reply's :data:`EVAL_METRICS` record (saves an exchange per round).
 EVALUATE_FIRST = "evaluate-first"
 EVAL_METRICS = "eval-metrics"
+#: Every message's config: the run's key, kept across ``resume-from``, and the
+#: checkpoint round the run resumed after (0: not resumed). A client restores
+#: state saved on disk only for its own run, as of that round
+#: (:mod:`client_app.persist`).
+RUN_KEY = "run-key"
+RESUMED_AT = "resumed-at"
 
 # Metrics
 NUM_PARAMS = "num-params"

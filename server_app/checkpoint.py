@@ -52,6 +52,7 @@ MAY_DIFFER = frozenset(
         "checkpoint-every",
         "checkpoint-optimizer",
         "resume-from",
+        "client-state-dir",
         "round-timeout",
         "results-dir",
         "run-name",

@@ -29,10 +29,11 @@ class InProcessGrid(Grid):
         num_nodes: int,
         app: ClientApp = default_app,
         node_configs: dict[int, dict] | None = None,
+        run_id: int = 1,
     ) -> None:
         # Messages read their run and node from the process's task identity, which
-        # the Flower runtime sets; here the "server" is node 0 of run 1.
-        TaskIdentity.run_id = 1
+        # the Flower runtime sets; here the "server" is node 0 of run ``run_id``.
+        TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 1
         self.app = app
@@ -42,7 +43,7 @@ class InProcessGrid(Grid):
             node_config = {"partition-id": pid, "num-partitions": num_nodes}
             node_config |= (node_configs or {}).get(pid, {})
             self.contexts[node_id] = Context(
-                run_id=1,
+                run_id=run_id,
                 node_id=node_id,
                 node_config=node_config,
                 state=RecordDict(),

@@ -270,6 +270,41 @@ def test_every_baseline_resumes_exactly(folder, tmp_path, name):
     assert rows(resumed) == rows(whole)
 
 
+def test_a_resumed_simulation_restores_client_state_from_client_state_dir(
+    folder, tmp_path
+):
+    """A resumed simulation is a new Flower run: its clients start empty. With
+    run-config ``client-state-dir`` they restore their state (``local``: the
+    personal model and BatchNorm statistics) as of the checkpoint's round, also
+    when the lost run went on past it, and the run ends where an uninterrupted
+    one ends; without it the numbers differ."""
+    config = base_config(folder, tmp_path, strategy="local", models="resnet10")
+    config |= {"num-server-rounds": 3, "checkpoint-every": 2}
+    _, whole, _ = start(config | {"run-name": "whole"}, num_nodes=2)
+
+    def cut(name: str, **more) -> dict:
+        cut = config | {"run-name": name, **more}
+        with pytest.raises(Crash):
+            start(cut, crash_at=3, grid=InProcessGrid(cut, 2, run_id=2))
+        return cut | {"resume-from": name}
+
+    def resume(config: dict, run_id: int) -> RunResults:
+        return start(config, grid=InProcessGrid(config, 2, run_id=run_id))[1]
+
+    kept = cut("kept", **{"client-state-dir": str(tmp_path / "state")})
+    round_2 = (tmp_path / "kept" / CHECKPOINT_FILE).read_bytes()
+    assert rows(resume(kept, run_id=3)) == rows(whole)
+    # As if the resumed server had died after its clients saved round 3 but
+    # before its round-3 checkpoint: the next resume repeats round 3.
+    (tmp_path / "kept" / CHECKPOINT_FILE).write_bytes(round_2)
+    assert rows(resume(kept, run_id=4)) == rows(whole)
+
+    lost = cut("lost")
+    assert [r["loss"] for r in rows(resume(lost, run_id=3))] != [
+        r["loss"] for r in rows(whole)
+    ]
+
+
 def test_checkpoints_without_the_optimizer_state_resume_with_fresh_moments(
     folder, tmp_path
 ):

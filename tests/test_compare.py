@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from client_app import persist
 from common.config import load_run_config
 from server_app.strategies import available_strategies
 from tools import compare, report
 from tools.machine import describe as describe_machine
-from tools.preset import PresetError, load_preset
+from tools.preset import PresetError, RunSpec, load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Strategies the shipped presets name; some may not be registered yet.
@@ -541,6 +543,46 @@ def test_rerun_skips_finished_and_sets_old_attempts_aside(
     )
 
 
+def test_only_a_compatible_checkpoint_with_client_state_in_the_run_resumes(
+    tmp_path, capsys
+):
+    """An unfinished run resumes from its checkpoint only when the run config can
+    continue it and its clients kept their state in the run's folder."""
+    from tests.helpers import run, write_learnable_imagefolder
+
+    data = write_learnable_imagefolder(tmp_path / "data", 3, 6)
+    text = """
+[compare]
+strategies = ["local"]
+seeds = [1]
+num-supernodes = 2
+
+[run-config]
+dataset = "imagefolder"
+num-server-rounds = 3
+"""
+    out = tmp_path / "out"
+    (spec,) = load_preset(write_preset(tmp_path, text)).runs(
+        results_dir=out / "runs", data_dir=data
+    )
+    assert compare.resumable(out, spec) is None  # no checkpoint yet
+    two_rounds = spec.run_config | {"num-server-rounds": 2}
+    run({k: v for k, v in two_rounds.items() if k != "client-state-dir"}, 2)
+    assert compare.resumable(out, spec) is None
+    assert "its clients did not keep their state" in capsys.readouterr().out
+
+    shutil.rmtree(out / "runs" / spec.name)
+    run(two_rounds, 2)
+    resumed, after = compare.resumable(out, spec)
+    assert after == 2
+    assert resumed.run_config == spec.run_config | {
+        "resume-from": str(out / "runs" / spec.name / "checkpoint.pt")
+    }
+    other = RunSpec(spec.strategy, spec.seed, spec.run_config | {"batch-size": 7})
+    assert compare.resumable(out, other) is None
+    assert "incompatible run config: batch-size" in capsys.readouterr().out
+
+
 def test_failure_reason_from_log_tail():
     assert report.failure_reason(TRACEBACK).startswith(
         "HandshakeError: handshake failed: node 7"
@@ -615,6 +657,25 @@ batch-size = 16
     address = config.split('address = "', 1)[1].split('"', 1)[0]
     if Path("/proc").is_dir():
         assert _processes_mentioning(address) == []
+
+    # One round more: the run resumes from its round-2 checkpoint, and its
+    # clients (new processes) take their personal models from client-state/.
+    preset.write_text(preset.read_text().replace("rounds = 2", "rounds = 3"))
+    argv = [str(preset), "--out", str(out), "--data-dir", str(data)]
+    assert compare.main([*argv, "--only", "local"]) == 0
+    assert "local-seed1 -> " in (printed := capsys.readouterr().out)
+    assert "(resumes after round 2)" in printed
+    run = out / "runs" / "local-seed1"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["round"] for r in rows}) == [1, 2, 3]
+    for name, saved_after in (("client-0.npz", 3), ("client-0.checkpointed.npz", 2)):
+        header, records = persist.load_state(run / "client-state" / name)
+        assert header["round"] == saved_after and "model-params" in records
+    log = (out / "logs" / "local-seed1.log").read_text()
+    assert (
+        "'client-0': restored 1 state record(s) (model-params) saved after round 2"
+        in log
+    )
 
 
 def test_table_reads_the_recalibrated_accuracy_when_every_round_has_it(tmp_path):

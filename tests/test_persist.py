@@ -42,6 +42,12 @@ def context(tmp_path, run_id: int = 5, state: RecordDict | None = None, **node):
     )
 
 
+def files(
+    tmp_path, name: str = "site-a", key: str = "run-a", resumed_at: int = 0, every=2
+) -> persist.StateFiles:
+    return persist.StateFiles(tmp_path / "state", name, key, resumed_at, every)
+
+
 def assert_same_arrays(a: RecordDict, b: RecordDict, names) -> None:
     for name in names:
         ra, rb = a[name], b[name]
@@ -65,34 +71,89 @@ def test_round_trip_keeps_names_dtypes_shapes_and_header(tmp_path):
 
 def test_restore_fills_a_fresh_state_of_the_same_run_once(tmp_path):
     saved = context(tmp_path, state=records())
-    persist.save(saved, "site-a", server_round=2)
+    persist.save(saved, files(tmp_path), server_round=2)
     assert (tmp_path / "state" / "site-a.npz").is_file()
 
     fresh = context(tmp_path)  # a restarted SuperNode: empty context.state
-    assert persist.restore(fresh, "site-a") == 2
+    assert persist.restore(fresh, files(tmp_path)) == 2
     assert_same_arrays(saved.state, fresh.state, ["model-buffers", "model-params"])
     assert persist.MARKER in fresh.state
     # Synced: later messages of this SuperNode process do not read the file again.
     del fresh.state["model-params"]
-    assert persist.restore(fresh, "site-a") == 0
+    assert persist.restore(fresh, files(tmp_path)) == 0
     assert "model-params" not in fresh.state
 
 
 def test_a_file_of_another_run_or_client_is_not_restored(tmp_path):
-    persist.save(context(tmp_path, state=records()), "site-a", server_round=1)
-    other_run = context(tmp_path, run_id=6)
-    assert persist.restore(other_run, "site-a") == 0
-    assert "model-params" not in other_run.state
-    other_client = context(tmp_path)
-    assert persist.restore(other_client, "site-b") == 0
+    persist.save(context(tmp_path, state=records()), files(tmp_path), server_round=1)
+    for other in (
+        files(tmp_path, key="run-b"),  # another run, same Flower run id
+        files(tmp_path, key="run-b", resumed_at=1),
+        files(tmp_path, name="site-b"),
+    ):
+        fresh = context(tmp_path)
+        assert persist.restore(fresh, other) == 0
+        assert "model-params" not in fresh.state
+    # The same run, resumed in a new Flower run: only state saved by the round it
+    # resumed after is its own.
+    assert persist.restore(context(tmp_path, run_id=6), files(tmp_path)) == 0
+    assert persist.restore(context(tmp_path, run_id=6), files(tmp_path, resumed_at=1))
+
+
+def test_a_resumed_run_gets_the_state_of_its_checkpoint_round(tmp_path):
+    """Saved after rounds 1-3 with checkpoint-every = 2: the round-2 state is kept
+    beside the latest, so a run resumed after round 2 gets it even though the lost
+    run went on to round 3; resumed after round 3 it gets the latest."""
+    ctx = context(tmp_path, state=records())
+    for server_round in (1, 2, 3):
+        ctx.state["model-params"]["theta"] = Array(np.full((3, 5), server_round * 1.0))
+        persist.save(ctx, files(tmp_path), server_round)
+    folder = tmp_path / "state"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "site-a.checkpointed.npz",
+        "site-a.npz",
+    ]
+
+    def theta_restored(resumed_at: int) -> float | None:
+        fresh = context(tmp_path, run_id=7)  # a new Flower run each time
+        persist.restore(fresh, files(tmp_path, resumed_at=resumed_at))
+        if "model-params" not in fresh.state:
+            return None
+        return float(fresh.state["model-params"]["theta"].numpy()[0, 0])
+
+    assert theta_restored(2) == 2.0
+    assert theta_restored(3) == 3.0
+    assert theta_restored(0) is None  # not resumed: another run's files
+
+    # Resumed after round 2, the client saves round 3 again: the round-2 state is
+    # still the checkpointed one until round 4 passes the next checkpoint.
+    resumed = context(tmp_path, run_id=6)
+    persist.restore(resumed, files(tmp_path, resumed_at=2))
+    resumed.state["model-params"]["theta"] = Array(np.full((3, 5), 33.0))
+    persist.save(resumed, files(tmp_path, resumed_at=2), 3)
+    assert theta_restored(2) == 2.0
+    assert theta_restored(3) == 33.0
+
+
+def test_node_config_state_dir_comes_before_the_run_config_one(tmp_path):
+    from common.config import load_run_config
+
+    cfg = load_run_config({"client-state-dir": str(tmp_path / "run")})
+    config = ConfigRecord({"run-key": "k", "resumed-at": 4})
+    got = persist.StateFiles.of(context(tmp_path), cfg, "site-a", config)
+    assert got == persist.StateFiles(tmp_path / "state", "site-a", "k", 4, 10)
+    bare = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                   run_config={})  # fmt: skip
+    assert persist.StateFiles.of(bare, cfg, "site-a", config).folder == tmp_path / "run"
+    assert persist.StateFiles.of(bare, load_run_config({}), "a", config) is None
 
 
 def test_without_state_dir_nothing_is_written_or_read(tmp_path):
     ctx = Context(
         run_id=1, node_id=1, node_config={}, state=records(), run_config={}
     )  # fmt: skip
-    assert persist.save(ctx, "site-a", 1) == 0
-    assert persist.restore(ctx, "site-a") == 0
+    assert persist.save(ctx, None, 1) == 0
+    assert persist.restore(ctx, None) == 0
     assert persist.MARKER not in ctx.state
     assert not any(tmp_path.iterdir())
 
@@ -136,10 +197,10 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 )
 def test_a_corrupt_file_gives_an_error_naming_it(tmp_path, damage):
     path = tmp_path / "state" / "site-a.npz"
-    persist.save(context(tmp_path, state=records()), "site-a", server_round=1)
+    persist.save(context(tmp_path, state=records()), files(tmp_path), server_round=1)
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(persist.StateFileError, match=str(path)):
-        persist.restore(context(tmp_path), "site-a")
+        persist.restore(context(tmp_path), files(tmp_path))
 
 
 def test_a_state_file_of_another_format_is_refused(tmp_path):

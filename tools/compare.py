@@ -11,10 +11,12 @@ simulation, here on a private SuperLink (:mod:`tools.superlink`) started once fo
 the whole comparison and stopped (by PID) at the end. Runs whose
 ``summary.json`` already has the preset's number of rounds (and whose
 ``config.json`` agrees with the preset) are skipped, so re-running the same
-command resumes a long comparison; an unfinished run's old folder is moved to
-``<out>/attic/`` before it runs again. A failed run is reported in the table and
-does not stop the others. The table and plot (:mod:`tools.report`) are rebuilt
-after every run.
+command resumes a long comparison. An unfinished run with a checkpoint this
+preset can continue resumes from it (``resume-from``; its clients restore their
+state from ``<run>/client-state/``, see run-config ``client-state-dir``); one
+without is started again, its old folder moved to ``<out>/attic/``. A failed
+run is reported in the table and does not stop the others. The table and plot
+(:mod:`tools.report`) are rebuilt after every run.
 
 ``--only`` runs just some of the preset's strategies (the table still shows them
 all); ``--seeds`` replaces the preset's seeds (for both). Exit status: 0 when
@@ -33,8 +35,17 @@ import sys
 import time
 from pathlib import Path
 
+from common.config import load_run_config
+
 from .machine import record_machine
-from .preset import Preset, PresetError, RunSpec, absolute, load_preset
+from .preset import (
+    CLIENT_STATE,
+    Preset,
+    PresetError,
+    RunSpec,
+    absolute,
+    load_preset,
+)
 from .report import (
     FINISHED,
     RUNNING,
@@ -131,14 +142,46 @@ def _check_cuda(preset: Preset) -> None:
         )
 
 
-def set_aside(out: Path, name: str) -> None:
-    """Move an unfinished run's folder and log to ``<out>/attic/`` (kept, unused)."""
+def set_aside(out: Path, name: str, keep_run: bool = False) -> None:
+    """Move an unfinished run's folder (unless ``keep_run``: it resumes) and log to
+    ``<out>/attic/`` (kept, unused)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     attic = out / "attic" / f"{name}-{stamp}"
-    for source in (run_dir(out, name), log_path(out, name), status_path(out, name)):
+    sources = [log_path(out, name), status_path(out, name)]
+    if not keep_run:
+        sources.append(run_dir(out, name))
+    for source in sources:
         if source.exists():
             attic.mkdir(parents=True, exist_ok=True)
             shutil.move(str(source), attic / source.name)
+
+
+def resumable(out: Path, spec: RunSpec) -> tuple[RunSpec, int] | None:
+    """``spec`` continued from its run's checkpoint, and the checkpoint's round;
+    ``None`` when there is none this run config can continue (said why)."""
+    from server_app.checkpoint import (
+        CHECKPOINT_FILE,
+        CheckpointError,
+        check_compatible,
+        read_checkpoint,
+    )
+
+    path = run_dir(out, spec.name) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    config = spec.run_config | {"resume-from": str(path)}
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)
+        check_compatible(checkpoint, load_run_config(config), path)
+    except CheckpointError as err:
+        print(f"     {spec.name}: starts afresh: {err}")
+        return None
+    kept = Path(checkpoint["config"].get("client-state-dir") or "/")
+    if (kept.parent.name, kept.name) != (spec.name, CLIENT_STATE):
+        print(f"     {spec.name}: starts afresh: its clients did not keep their "
+              "state in its folder, so a resumed run would lose it")  # fmt: skip
+        return None
+    return RunSpec(spec.strategy, spec.seed, config), int(checkpoint["round"])
 
 
 class Runner:
@@ -257,10 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     try:
         for i, spec in enumerate(todo, 1):
-            set_aside(out, spec.name)
-            print(f"[{i}/{len(todo)}] {spec.name} -> {run_dir(out, spec.name)}")
+            resumed = resumable(out, spec)
+            set_aside(out, spec.name, keep_run=resumed is not None)
+            after = f" (resumes after round {resumed[1]})" if resumed else ""
+            print(f"[{i}/{len(todo)}] {spec.name} -> {run_dir(out, spec.name)}{after}")
             start = time.time()
-            runner.run(spec)
+            runner.run(resumed[0] if resumed else spec)
             report = inspect_run(out, preset, spec)
             print(
                 f"[{i}/{len(todo)}] {spec.name}: {report.describe()} "

@@ -59,7 +59,9 @@ RESERVED = {
     "results-dir": "set by the comparison to <out>/runs",
 }
 #: Keys that may differ between a finished run and the preset (paths).
-PATH_KEYS = ("data-dir", "results-dir", "run-name")
+PATH_KEYS = ("data-dir", "results-dir", "run-name", "client-state-dir")
+#: The clients' state files inside a comparison run's folder.
+CLIENT_STATE = "client-state"
 
 
 class PresetError(ValueError):
@@ -138,6 +140,10 @@ class Preset:
                 }
                 if results_dir is not None:
                     config["results-dir"] = str(absolute(results_dir))
+                    # In the run's folder: a resumed run restores its clients.
+                    config["client-state-dir"] = str(
+                        absolute(results_dir) / config["run-name"] / CLIENT_STATE
+                    )
                 if data_dir is not None:
                     config["data-dir"] = str(absolute(data_dir))
                 elif "data-dir" in config:

@@ -59,7 +59,7 @@ from .superlink import APP, SimulationSuperLink
 DEFAULT_FEDERATION = APP / "simulation.toml"
 #: Run-config keys holding paths, made absolute from the caller's directory.
 #: (``resume-from`` is looked up in ``results-dir`` first: see :func:`_resume_from`.)
-PATH_KEYS = ("data-dir", "results-dir", "hypernet-from")
+PATH_KEYS = ("data-dir", "results-dir", "hypernet-from", "client-state-dir")
 #: What ``flwr run --run-config`` accepts: ``key=value`` with a quoted or bare value.
 PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
 RESULTS_LINE = re.compile(r"Results directory: (.+?)\s*$")

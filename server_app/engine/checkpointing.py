@@ -5,11 +5,14 @@ atomic write are :mod:`server_app.checkpoint`)."""
 from __future__ import annotations
 
 import time
+import uuid
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.common.logger import log
+
+from common import protocol as P
 
 from ..checkpoint import CHECKPOINT_FILE, FORMAT, write_checkpoint
 from .registry import ClientInfo, ClientRegistry
@@ -17,6 +20,15 @@ from .registry import ClientInfo, ClientRegistry
 if TYPE_CHECKING:
     from ..results import RunResults
     from .loop import Engine
+
+
+def lineage(checkpoint: dict[str, Any] | None) -> dict[str, str | int]:
+    """The run's key (new for a fresh run, the checkpoint's for a resumed one) and
+    the round it resumed after: clients restore saved state of this run only."""
+    if checkpoint is None:
+        return {P.RUN_KEY: uuid.uuid4().hex, P.RESUMED_AT: 0}
+    key = checkpoint.get("run-key") or uuid.uuid4().hex
+    return {P.RUN_KEY: key, P.RESUMED_AT: int(checkpoint["round"])}
 
 
 def state_dict(engine: Engine) -> dict[str, Any]:
@@ -42,6 +54,7 @@ def save_if_due(engine: Engine, results: RunResults, server_round: int) -> None:
             "strategy": engine.algorithm.name,
             "config": engine.cfg.flat(),
             "round": server_round,
+            "run-key": engine.lineage[P.RUN_KEY],
             "waiting": engine.carry.waiting,
             "metrics": list(results.records),
             "clients": [

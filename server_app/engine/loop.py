@@ -65,6 +65,8 @@ class Engine:
             cfg, self.costs, algorithm.expects, algorithm.read_reply
         )
         self.refused_nodes: set[int] = set()
+        #: Sent in every message's config (:data:`common.protocol.RUN_KEY`).
+        self.lineage = checkpointing.lineage(None)
 
     # -- the run -----------------------------------------------------------------
     def start(
@@ -77,8 +79,10 @@ class Engine:
         checkpoint's round, from its exact state.
         """
         cfg = self.cfg
+        if checkpoint is not None:
+            self.lineage = checkpointing.lineage(checkpoint)
         nodes = wait_for_nodes(grid, cfg.min_clients, cfg.round_timeout)
-        self.clients = handshake(grid, nodes, cfg.round_timeout)
+        self.clients = handshake(grid, nodes, cfg.round_timeout, self.lineage)
         if not any(not c.novel for c in self.clients) and cfg.num_server_rounds:
             raise HandshakeError(
                 "no client takes part in training: run-config train-clients = "
@@ -204,6 +208,7 @@ class Engine:
                     content = self.algorithm.eval_payload(client, server_round)
                 config = content.config_records.get(P.CONFIG, ConfigRecord())
                 config[P.ROUND] = server_round
+                config.update(self.lineage)
                 if message_type == TRAIN and evaluate_first:
                     config[P.EVALUATE_FIRST] = True
                 content[P.CONFIG] = config
@@ -334,7 +339,7 @@ class Engine:
         if not fresh:
             return
         try:
-            joined = handshake(grid, fresh, self.cfg.round_timeout)
+            joined = handshake(grid, fresh, self.cfg.round_timeout, self.lineage)
         except HandshakeError as err:
             log(WARNING, "nodes %s could not join: %s", fresh, err)
             self.refused_nodes.update(fresh)

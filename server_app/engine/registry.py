@@ -148,11 +148,14 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
     return nodes
 
 
-def handshake(grid: Grid, node_ids: list[int], timeout: float) -> ClientRegistry:
-    """Query every node; build the registry or raise with every client's error."""
+def handshake(
+    grid: Grid, node_ids: list[int], timeout: float, lineage: dict[str, str | int]
+) -> ClientRegistry:
+    """Query every node (``lineage``: the run's key and resume round, for the
+    client's saved state); build the registry or raise with every client's error."""
     messages = [
         Message(
-            RecordDict({P.CONFIG: ConfigRecord()}),
+            RecordDict({P.CONFIG: ConfigRecord(dict(lineage))}),
             dst_node_id=node_id,
             message_type=MessageType.QUERY,
         )
