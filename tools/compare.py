@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Also when started with SIGINT ignored (a background job of a script).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     runner = Runner(out, preset, timeout)
     failed = []
     try:
@@ -324,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     write_outputs(out, preset, specs)
     print((out / "comparison.md").read_text())
     print(f"written: {out / 'comparison.md'}, comparison.json, comparison.png")

@@ -427,6 +427,8 @@ def execute(launch: Launch) -> int:
         sys.stdout.flush()
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Also when started with SIGINT ignored (a background job of a script).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     link = SimulationSuperLink(workdir)
     code: int | None = None
     try:
@@ -451,9 +453,9 @@ def execute(launch: Launch) -> int:
         code = -1
     finally:
         # A second Ctrl-C must not cut the clean-up short.
-        held = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         link.stop()
-        signal.signal(signal.SIGINT, held)
+        signal.signal(signal.SIGINT, previous_int)
         signal.signal(signal.SIGTERM, previous)
     log = "".join(lines)
     exit_code = code if code is not None else -1
