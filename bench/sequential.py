@@ -97,14 +97,7 @@ def sequential_loop(
     strategy = MHPFedHN.from_config(cfg)
     for client in built:
         strategy.register(client.name, num_trainable(client.model))
-    hparams = LocalHParams(
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.client_lr,
-        momentum=cfg.client_momentum,
-        weight_decay=cfg.client_weight_decay,
-        grad_clip=cfg.client_grad_clip,
-    )
+    hparams = LocalHParams.from_config(cfg)
     rng = np.random.default_rng(cfg.seed)
     per_round, per_model = [], {}
     for rnd in range(1, rounds + 1):
@@ -143,7 +136,10 @@ def sequential_loop(
             s = time.perf_counter()
             load_flat_(client.model, theta)
             _, right, n = evaluate_local(
-                client.model, client.data.test_x, client.data.test_y
+                client.model,
+                client.data.test_x,
+                client.data.test_y,
+                channels_last=cfg.channels_last,
             )
             seconds = time.perf_counter() - s
             evaluate += seconds

@@ -115,15 +115,7 @@ class LocalClient:
 
     @property
     def hparams(self) -> LocalHParams:
-        c = self.cfg
-        return LocalHParams(
-            epochs=c.local_epochs,
-            batch_size=c.batch_size,
-            lr=c.client_lr,
-            momentum=c.client_momentum,
-            weight_decay=c.client_weight_decay,
-            grad_clip=c.client_grad_clip,
-        )
+        return LocalHParams.from_config(self.cfg)
 
     def seed_for(self, server_round: int) -> int:
         """One seed per (run seed, round, client): batch order, dropout."""
