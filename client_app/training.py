@@ -45,7 +45,7 @@ class LocalHParams:
     weight_decay: float = 5e-4
     grad_clip: float = 50.0
     #: Run the loops in the channels-last layout (:func:`conv_layout`).
-    channels_last: bool = True
+    channels_last: bool = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalHParams:
@@ -66,11 +66,12 @@ def conv_layout(model: nn.Module, channels_last: bool) -> Iterator[Callable]:
     function that puts a batch into that layout.
 
     oneDNN's CPU convolutions work in NHWC, so an NCHW model pays a layout reorder
-    of every activation and weight on every call; with NHWC parameters and inputs
-    a training step of the paper's five models takes 0.75-0.87x the time on an
-    AVX2 host (docs/BENCHMARKS.md). The arithmetic is the same up to the order of
-    floating-point sums. Only for models with 4-D (convolution) weights; the
-    parameters go back to NCHW afterwards, so nothing outside the loops sees it.
+    of every activation and weight on every call; alone, a training step of the
+    paper's five models took 0.75-0.87x the NCHW time on an AVX2 host, but a whole
+    round showed no gain (docs/BENCHMARKS.md), so it is opt-in. The arithmetic is
+    the same up to the order of floating-point sums. Only for models with 4-D
+    (convolution) weights; the parameters go back to NCHW afterwards, so nothing
+    outside the loops sees it.
     """
     if not channels_last or not any(p.dim() == 4 for p in model.parameters()):
         yield lambda batch: batch
@@ -208,7 +209,7 @@ def evaluate_local(
     y: torch.Tensor,
     batch_size: int = 512,
     logits_fn: LogitsFn | None = None,
-    channels_last: bool = True,
+    channels_last: bool = False,
 ) -> tuple[float, int, int]:
     """Return ``(mean cross-entropy, correct, n)`` of ``model`` on ``(x, y)``.
 
