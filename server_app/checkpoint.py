@@ -136,10 +136,11 @@ def check_compatible(payload: dict[str, Any], cfg: RunConfig, path: Path) -> Non
             f"checkpoint {path} was written by strategy '{payload['strategy']}'; "
             f"this run uses '{cfg.strategy}'"
         )
-    saved, now = payload["config"], cfg.flat()
+    # A key newer than the checkpoint had its default's behaviour then.
+    saved = RunConfig().flat() | payload["config"]
     differ = [
         f"{key} (checkpoint {saved.get(key)!r}, now {value!r})"
-        for key, value in now.items()
+        for key, value in cfg.flat().items()
         if key not in MAY_DIFFER and saved.get(key) != value
     ]
     if differ:
