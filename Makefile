@@ -84,6 +84,7 @@ bench: install
 	$(BIN)/python -m bench.round --data-dir $(DATA_DIR)
 	$(BIN)/python -m bench.scale --data-dir $(DATA_DIR)
 	$(BIN)/python -m bench.comm
+	$(BIN)/python -m bench.step
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

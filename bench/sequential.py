@@ -85,11 +85,13 @@ def sequential_loop(
     the CPU the rest of the machine used meanwhile.
     """
     from client_app.training import LocalHParams, evaluate_local, train_local
+    from common.allocator import keep_freed_memory
     from common.config import load_run_config
     from common.flat import flatten_params, load_flat_
     from common.models import num_trainable
     from server_app.strategies.mh_pfedhn import MHPFedHN
 
+    keep_freed_memory()  # as the ClientApp's processes do
     cfg = load_run_config(app_config() | run_config)
     if cfg.strategy != "mh-pfedhn" or cfg.hn_update != "sequential":
         raise ValueError("the sequential loop is MH-pFedHN's sequential update")
@@ -139,7 +141,6 @@ def sequential_loop(
                 client.model,
                 client.data.test_x,
                 client.data.test_y,
-                channels_last=cfg.channels_last,
             )
             seconds = time.perf_counter() - s
             evaluate += seconds

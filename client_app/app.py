@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common import protocol as P
+from common.allocator import keep_freed_memory
 from common.config import RunConfig, load_run_config
 from common.threads import intra_op_threads
 
@@ -31,6 +32,8 @@ from . import persist
 from .local import LocalClient, client_name
 from .trainers import ClientTrainer, build_trainer
 
+# Every process that runs the app reuses freed memory (see common.allocator).
+keep_freed_memory()
 app = ClientApp()
 
 

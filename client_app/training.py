@@ -16,8 +16,7 @@ which is much cheaper than a ``DataLoader`` for 32x32 images.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,7 +35,7 @@ LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LocalHParams:
-    """Local SGD hyperparameters (defaults: PAPER.md), and the loops' layout."""
+    """Local SGD hyperparameters (defaults: PAPER.md)."""
 
     epochs: int = 1
     batch_size: int = 64
@@ -44,8 +43,6 @@ class LocalHParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float = 50.0
-    #: Run the loops in the channels-last layout (:func:`conv_layout`).
-    channels_last: bool = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalHParams:
@@ -56,31 +53,7 @@ class LocalHParams:
             momentum=cfg.client_momentum,
             weight_decay=cfg.client_weight_decay,
             grad_clip=cfg.client_grad_clip,
-            channels_last=cfg.channels_last,
         )
-
-
-@contextmanager
-def conv_layout(model: nn.Module, channels_last: bool) -> Iterator[Callable]:
-    """Run a loop over ``model`` in the channels-last (NHWC) layout; yields the
-    function that puts a batch into that layout.
-
-    oneDNN's CPU convolutions work in NHWC, so an NCHW model pays a layout reorder
-    of every activation and weight on every call; alone, a training step of the
-    paper's five models took 0.75-0.87x the NCHW time on an AVX2 host, but a whole
-    round showed no gain (docs/BENCHMARKS.md), so it is opt-in. The arithmetic is
-    the same up to the order of floating-point sums. Only for models with 4-D
-    (convolution) weights; the parameters go back to NCHW afterwards, so nothing
-    outside the loops sees it.
-    """
-    if not channels_last or not any(p.dim() == 4 for p in model.parameters()):
-        yield lambda batch: batch
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield lambda batch: batch.contiguous(memory_format=torch.channels_last)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
 
 
 @dataclass(frozen=True)
@@ -186,19 +159,18 @@ def train_local(
     model.train()
     n = x.shape[0]
     total, batches = 0.0, 0
-    with conv_layout(model, hparams.channels_last) as layout:
-        for _ in range(hparams.epochs):
-            order = torch.randperm(n, generator=generator).to(x.device)
-            for i in range(0, n, hparams.batch_size):
-                idx = order[i : i + hparams.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model, layout(x[idx]), y[idx])
-                loss.backward()
-                for group in groups:
-                    nn.utils.clip_grad_norm_(group, hparams.grad_clip)
-                optimizer.step()
-                total += loss.item()
-                batches += 1
+    for _ in range(hparams.epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for i in range(0, n, hparams.batch_size):
+            idx = order[i : i + hparams.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x[idx], y[idx])
+            loss.backward()
+            for group in groups:
+                nn.utils.clip_grad_norm_(group, hparams.grad_clip)
+            optimizer.step()
+            total += loss.item()
+            batches += 1
     return TrainStats(total / max(batches, 1), n, time.perf_counter() - start)
 
 
@@ -209,23 +181,20 @@ def evaluate_local(
     y: torch.Tensor,
     batch_size: int = 512,
     logits_fn: LogitsFn | None = None,
-    channels_last: bool = False,
 ) -> tuple[float, int, int]:
     """Return ``(mean cross-entropy, correct, n)`` of ``model`` on ``(x, y)``.
 
     ``logits_fn`` replaces ``model(x)`` as the class scores (e.g. negative
     distances to class prototypes); the prediction is their argmax.
-    ``channels_last``: the layout of :func:`conv_layout`.
     """
     model.eval()
     loss_sum, correct = 0.0, 0
-    with conv_layout(model, channels_last) as layout:
-        for i in range(0, x.shape[0], batch_size):
-            xb = layout(x[i : i + batch_size])
-            logits = model(xb) if logits_fn is None else logits_fn(model, xb)
-            target = y[i : i + batch_size]
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == target).sum())
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        logits = model(xb) if logits_fn is None else logits_fn(model, xb)
+        target = y[i : i + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == target).sum())
     n = int(x.shape[0])
     return (loss_sum / n if n else 0.0), correct, n
 

@@ -68,8 +68,6 @@ class RunConfig(BaseModel):
     models: str = "cnn"
     local_epochs: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
-    #: The clients' loops in the NHWC layout (off: no gain shown in a whole round).
-    channels_last: bool = False
     client_lr: float = Field(5e-3, gt=0.0)
     client_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     client_weight_decay: float = Field(5e-4, ge=0.0)

@@ -53,13 +53,6 @@ RUN_CONFIG_HELP: dict[str, str] = {
     ),
     "models": "comma list of client architectures, assigned in contiguous blocks",
     "local-epochs": "local epochs per round",
-    "channels-last": (
-        "run the clients' training and evaluation loops with convolution models in "
-        "the channels-last (NHWC) layout, which CPU convolutions (oneDNN) work in; "
-        "the same arithmetic up to the order of floating-point sums. Alone a step "
-        "of the paper's models took 0.75-0.87x the time on an AVX2 host, a whole "
-        "5-model round no less (docs/BENCHMARKS.md): measure on yours"
-    ),
     "batch-size": "local mini-batch size",
     "client-lr": "local SGD learning rate",
     "client-momentum": "local SGD momentum",

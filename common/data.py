@@ -78,8 +78,9 @@ def client_split_seed(seed: int, partition_id: int) -> int:
 def to_tensor(pixels: np.ndarray, info: DatasetInfo) -> torch.Tensor:
     """``uint8`` NHWC pixels -> ``float32`` NCHW ``(p / 255 - mean) / std``.
 
-    The result is stored channels-last (NHWC in memory, NCHW in shape): convolutions
-    on the CPU run about 1.5x faster on that layout, and it is the pixels' own.
+    The result is stored channels-last (NHWC in memory, NCHW in shape), the layout
+    oneDNN's CPU convolutions work in and the pixels' own: a training step of the
+    paper's models took 0.72-0.92x its NCHW time (``python -m bench.step``).
     """
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
     x = x.contiguous(memory_format=torch.channels_last)

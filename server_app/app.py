@@ -8,6 +8,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from common.allocator import keep_freed_memory
 from common.config import ConfigError, load_run_config
 
 from .checkpoint import check_compatible, checkpoint_path, read_checkpoint
@@ -16,6 +17,8 @@ from .engine.registry import HandshakeError
 from .results import RunResults
 from .strategies import build_strategy
 
+# Every process that runs the app reuses freed memory (see common.allocator).
+keep_freed_memory()
 app = ServerApp()
 
 

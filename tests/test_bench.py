@@ -490,3 +490,16 @@ def test_sequential_loop_and_round_flops_on_a_small_federation(tmp_path):
         v["train"] + v["eval"] for v in flops["per_model"].values()
     )
     assert conv_throughput(["cnn"], seconds=0.01)["gflops"] > 0
+
+
+def test_step_bench_measures_every_setting_in_its_own_process(tmp_path, capsys):
+    import json
+
+    from bench.step import SETTINGS, main
+
+    main(["--models", "cnn", "--reps", "1", "--steps", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "step.json").read_text())
+    measured = result["models"]["cnn"]
+    assert set(measured) == set(SETTINGS)
+    assert all(m["ms"] > 0 and m["faults"] >= 0 for m in measured.values())
+    assert "| cnn |" in capsys.readouterr().out

@@ -132,14 +132,16 @@ def test_bad_checkpoints_are_refused_and_nothing_is_overwritten(folder, tmp_path
             strategy="mh-pfedhngd")  # fmt: skip
     refused(r"incompatible run config: seed \(checkpoint 42, now 7\)", seed=7)
     refused("at round 2, beyond num-server-rounds = 1", **{"num-server-rounds": 1})
-    # A key the checkpoint predates counts as its default: the run behaved so.
+    # A key the checkpoint predates counts as its default: the run behaved so;
+    # a key that is no longer in the schema is not compared.
     older = read_checkpoint(run_dir / CHECKPOINT_FILE)
-    del older["config"]["channels-last"]
+    del older["config"]["hn-order"]
+    older["config"]["a-retired-key"] = True
     cfg = load_run_config(config | {"resume-from": str(run_dir)})
     check_compatible(older, cfg, run_dir)
-    with pytest.raises(CheckpointError, match=r"channels-last \(checkpoint False"):
+    with pytest.raises(CheckpointError, match=r"hn-order \(checkpoint 'random'"):
         check_compatible(
-            older, load_run_config(config | {"channels-last": True}), run_dir
+            older, load_run_config(config | {"hn-order": "by-size"}), run_dir
         )
     # A run name inside results-dir is enough.
     assert checkpoint_path("a", str(tmp_path)) == run_dir / CHECKPOINT_FILE

@@ -153,7 +153,7 @@ class ClientTrainer(ABC):
         if mode == "recalibrate":
             loss, correct, n = self.evaluate_recalibrated(model, x, y, logits_fn)
         else:
-            loss, correct, n = self.evaluate_loop(model, x, y, logits_fn)
+            loss, correct, n = evaluate_local(model, x, y, logits_fn=logits_fn)
         extra = {}
         if mode == "both" and has_batchnorm(model):
             _, extra[P.CORRECT_RECALIBRATED], _ = self.evaluate_recalibrated(
@@ -168,11 +168,6 @@ class ClientTrainer(ABC):
             **extra,
         }
 
-    def evaluate_loop(self, model, x, y, logits_fn):
-        """:func:`evaluate_local` in the run's layout."""
-        layout = self.client.cfg.channels_last
-        return evaluate_local(model, x, y, logits_fn=logits_fn, channels_last=layout)
-
     def evaluate_recalibrated(self, model, x, y, logits_fn):
         """:func:`evaluate_local` with BatchNorm statistics recomputed for the
         evaluated weights; the stored ones are put back afterwards (evaluation
@@ -180,7 +175,7 @@ class ClientTrainer(ABC):
         stored = buffer_state(model)
         recalibrate_batchnorm(model, self.client.train_tensors()[0])
         try:
-            return self.evaluate_loop(model, x, y, logits_fn)
+            return evaluate_local(model, x, y, logits_fn=logits_fn)
         finally:
             if stored:
                 load_buffer_state_(model, stored)
