@@ -138,9 +138,7 @@ def sequential_loop(
             s = time.perf_counter()
             load_flat_(client.model, theta)
             _, right, n = evaluate_local(
-                client.model,
-                client.data.test_x,
-                client.data.test_y,
+                client.model, client.data.test_x, client.data.test_y
             )
             seconds = time.perf_counter() - s
             evaluate += seconds

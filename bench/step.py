@@ -70,8 +70,8 @@ def measure(model: str, setting: dict, steps: int) -> dict[str, float]:
     """One fresh process's milliseconds and minor page faults per step."""
     arg = json.dumps(setting | {"model": model, "steps": steps})
     # The allocator is the measured variable: no inherited glibc settings.
+    # OMP_WAIT_POLICY comes from this package's import (common.openmp).
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    env["OMP_WAIT_POLICY"] = env.get("OMP_WAIT_POLICY", "PASSIVE")
     out = subprocess.run(
         [sys.executable, "-c", CHILD, arg], capture_output=True, text=True,
         check=True, env=env,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,8 +41,6 @@ def probe(env: dict[str, str]) -> dict:
         [sys.executable, "-c", CODE], env=env, capture_output=True, text=True,
         check=True, cwd=REPO,
     )  # fmt: skip
-    import json
-
     return json.loads(out.stdout)
 
 
