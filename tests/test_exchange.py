@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from server_app.engine.exchange import Flight, exchange, side_by_side
+from server_app.engine.exchange import Flight, InOrder, exchange, side_by_side
 from tests.helpers import base_config, run, write_learnable_imagefolder
 from tests.inprocess_grid import InProcessGrid
 
@@ -57,12 +57,14 @@ class SlowGrid(InProcessGrid):
         return out
 
 
-def messages(grid: InProcessGrid, nodes, generated: list | None = None):
+def messages(
+    grid: InProcessGrid, nodes, generated: list | None = None, kind=MessageType.QUERY
+):
     """Lazily built messages; ``generated`` counts how many were built."""
     for node in nodes:
         if generated is not None:
             generated.append(node)
-        yield Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+        yield Message(RecordDict(), dst_node_id=node, message_type=kind)
 
 
 @pytest.mark.parametrize("window", [1, 3, 0])
@@ -90,6 +92,54 @@ def test_messages_are_built_only_when_a_slot_frees():
     # a reply to someone else's message is ignored
     assert not flight.accept(Message(RecordDict(), reply_to=stranger))
     assert len(generated) == 3
+
+
+class SlowEvaluations(SlowGrid):
+    """EVALUATE replies take 6 pulls, others 1; logs pushes and pulled replies."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(num_nodes, latency=1)
+        self.events: list[tuple[str, int, str]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for message, message_id in zip(messages, ids, strict=True):
+            kind, node = message.metadata.message_type, message.metadata.dst_node_id
+            self.events.append(("push", node, kind))
+            if kind == MessageType.EVALUATE:
+                self.waiting[message_id][0] = 6
+        return ids
+
+    def pull_messages(self, message_ids):
+        sent = {m.metadata.message_id: m for m in self.sent}
+        replies = super().pull_messages(message_ids)
+        for reply in replies:
+            message = sent[reply.metadata.reply_to_message_id]
+            kind, node = message.metadata.message_type, message.metadata.dst_node_id
+            self.events.append(("reply", node, kind))
+        return replies
+
+
+def test_an_ordered_message_waits_for_its_nodes_alongside_reply():
+    """A node gets its next ordered message only after answering the alongside
+    one (and never has both at once); other nodes' messages are not held up."""
+    grid = SlowEvaluations(4)
+    ordered = messages(grid, [1000, 1001, 1002, 1003], kind=MessageType.TRAIN)
+    alongside = messages(grid, [1002, 1001], kind=MessageType.EVALUATE)
+    flight = InOrder(grid, ordered, 60.0, 1, alongside, poll=0)
+    positions = [position for position, reply in flight if reply is not None]
+    assert positions == [0, 1, 2, 3]
+    assert len(flight.alongside_replies) == 2
+    events = grid.events
+    for node in (1001, 1002):
+        answered = events.index(("reply", node, MessageType.EVALUATE))
+        assert answered < events.index(("push", node, MessageType.TRAIN)), events
+    # Node 1000 has no alongside message: its train went out before any reply.
+    assert events[0] == ("push", 1000, MessageType.TRAIN)
+    assert events.index(("reply", 1000, MessageType.TRAIN)) < events.index(
+        ("reply", 1002, MessageType.EVALUATE)
+    )
 
 
 def test_silent_node_is_given_up_and_frees_its_slot(monkeypatch):
@@ -125,10 +175,11 @@ def test_window_does_not_change_results_and_sequential_rounds_evaluate_apart(
             for m in grid.sent
             if m.metadata.message_type != MessageType.QUERY  # the handshake
         ]
-        # 4 clients: windows 0 and 4+ carry round 1's evaluation (4 + 4 messages),
-        # smaller windows evaluate after each round (4 + 4) as well: same count,
-        # but the carried ones go out inside round 2's train phase.
-        assert kinds.count(MessageType.EVALUATE) == 8
+        # 4 clients: windows 0 and 4+ carry round 1's evaluation inside round
+        # 2's train phase, smaller windows evaluate after each round (4 + 4).
+        # Carried, the first hn-window = 2 train messages of round 2 take two
+        # of round 1's evaluations along.
+        assert kinds.count(MessageType.EVALUATE) == (6 if window == 0 else 8)
         first_train_of_round_2 = kinds.index(MessageType.TRAIN, 4)
         evaluations_before = kinds[:first_train_of_round_2].count(MessageType.EVALUATE)
         assert evaluations_before == (0 if window == 0 else 4), window

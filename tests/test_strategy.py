@@ -33,7 +33,12 @@ class SeparateEvaluation(Engine):
 
 @pytest.mark.parametrize(
     ("update", "evaluate_messages"),
-    [({"hn-update": "mean"}, 4), ({"hn-window": 2}, 12), ({"hn-window": 0}, 12)],
+    [
+        ({"hn-update": "mean"}, 4),
+        ({"hn-window": 2}, 8),
+        ({"hn-window": 0}, 4),
+        ({"hn-window": 2, "models": "resnet10,cnn"}, 8),
+    ],
 )
 def test_carried_evaluation_gives_the_same_numbers(
     folder, tmp_path, update, evaluate_messages
@@ -42,8 +47,10 @@ def test_carried_evaluation_gives_the_same_numbers(
 
     ``mean`` (everyone trains from the round-start state): clients evaluate the
     received model before training, so only the last round needs EVALUATE
-    messages. ``sequential``: EVALUATE messages travel with the next round's
-    first train messages.
+    messages. ``sequential``: the first ``hn-window`` train messages of the next
+    round carry it, EVALUATE messages to the other clients go with them, and
+    each client evaluates before it trains again: with BatchNorm (``resnet10``) the
+    stored statistics read are those of the evaluated model.
     """
     config = base_config(folder, tmp_path, **update)
     _, carried_grid, _, carried = run(config | {"run-name": "a"}, 4)

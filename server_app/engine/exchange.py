@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from flwr.app import Message
@@ -45,6 +45,9 @@ class Flight:
 
     ``messages`` may be a lazy iterable; it is consumed only as slots free up, so
     the caller must not change what it generates from in the meantime.
+
+    ``hold``: a message for which it returns true is built but not pushed; the
+    flight pushes nothing after it until a later :meth:`top_up` finds it free.
     """
 
     def __init__(
@@ -54,12 +57,15 @@ class Flight:
         window: int,
         timeout: float,
         ordered: bool = False,
+        hold: Callable[[Message], bool] | None = None,
     ) -> None:
         self.grid, self.window, self.timeout = grid, window, timeout
-        self.ordered = ordered
+        self.ordered, self.hold = ordered, hold
         self._source = iter(messages)
         self._exhausted = False
+        self._held: Message | None = None
         self.sent: dict[str, tuple[int, float]] = {}  # id -> (position, push time)
+        self._node: dict[str, int] = {}  # id -> destination node
         self.replies: list[Message] = []
         self.given_up = 0
         self._pushed = 0  # messages taken from the source
@@ -68,11 +74,15 @@ class Flight:
         self.top_up()
 
     def top_up(self) -> None:
-        """Push messages until ``window`` are in flight or none are left."""
+        """Push messages until ``window`` are in flight, none are left or the
+        next one is held."""
         while not self._exhausted and self._has_room():
-            message = next(self._source, None)
+            message, self._held = self._held or next(self._source, None), None
             if message is None:
                 self._exhausted = True
+                break
+            if self.hold is not None and self.hold(message):
+                self._held = message
                 break
             position, self._pushed = self._pushed, self._pushed + 1
             # A list: Flower's deployment grid iterates its argument twice.
@@ -81,6 +91,17 @@ class Flight:
                 self._arrived[position] = None
             for message_id in ids:
                 self.sent[message_id] = (position, time.monotonic())
+                self._node[message_id] = message.metadata.dst_node_id
+
+    @property
+    def waiting_nodes(self) -> set[int]:
+        """Nodes with a message of this flight not yet answered or given up."""
+        return {self._node[message_id] for message_id in self.sent}
+
+    @property
+    def holding(self) -> bool:
+        """A built message waits for :attr:`hold` to let it go."""
+        return self._held is not None
 
     def _has_room(self) -> bool:
         busy = self._pushed - self._released if self.ordered else len(self.sent)
@@ -100,6 +121,7 @@ class Flight:
         entry = self.sent.pop(reply.metadata.reply_to_message_id, None)
         if entry is None:
             return False
+        del self._node[reply.metadata.reply_to_message_id]
         if self.ordered:
             self._arrived[entry[0]] = reply
         else:
@@ -119,6 +141,7 @@ class Flight:
         ]
         for message_id in late:
             position, _ = self.sent.pop(message_id)
+            del self._node[message_id]
             if self.ordered:
                 self._arrived[position] = None
         self.given_up += len(late)
@@ -188,6 +211,12 @@ class InOrder:
     once, right after the first ``window``) are polled in the same loop and get
     ``timeout`` more seconds once the ordered ones are done; their replies are in
     :attr:`alongside_replies` after the loop.
+
+    An ordered message goes out only once its node has answered (or been given
+    up on for) its alongside message: a node then handles the two in the order
+    the server meant, and never both at once (a simulation runs a node's
+    messages on whichever worker is free, each with its own copy of the node's
+    state, so two at once would lose one's changes to that state).
     """
 
     def __init__(
@@ -200,16 +229,27 @@ class InOrder:
         poll: float = POLL_SECONDS,
     ) -> None:
         self.grid, self.poll = grid, poll
-        self.flight = Flight(grid, messages, window, timeout, ordered=True)
+        self.along: Flight | None = None
+        self.flight = Flight(
+            grid, messages, window, timeout, ordered=True, hold=self._node_busy
+        )
         self.along = Flight(grid, alongside, 0, timeout)
         self.alongside_replies: list[Message] = []
 
+    def _node_busy(self, message: Message) -> bool:
+        along = self.along
+        return along is not None and message.metadata.dst_node_id in along.waiting_nodes
+
     def __iter__(self) -> Iterator[tuple[int, Message | None]]:
         flight, along = self.flight, self.along
+        assert along is not None
         while not flight.done:
             head = flight.head()
             if head is None:
                 _pull(self.grid, [flight, along])
+                if flight.holding:
+                    along.expire()
+                    flight.top_up()
                 if flight.head() is None:
                     flight.expire()
                 if flight.head() is None:

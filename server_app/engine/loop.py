@@ -13,7 +13,7 @@ results directory.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -192,12 +192,12 @@ class Engine:
         names: list[str],
         server_round: int,
         message_type: str,
-        evaluate_first: bool = False,
+        evaluate_first: Collection[str] = (),
     ) -> Iterator[Message]:
         """One message per client, built lazily so each is sent as soon as built.
 
-        ``evaluate_first`` asks training clients to evaluate the received model
-        before training it (a carried evaluation).
+        ``evaluate_first``: the training clients asked to evaluate the received
+        model before training it (a carried evaluation).
         """
         for name in names:
             client = self.clients[name]
@@ -209,7 +209,7 @@ class Engine:
                 config = content.config_records.get(P.CONFIG, ConfigRecord())
                 config[P.ROUND] = server_round
                 config.update(self.lineage)
-                if message_type == TRAIN and evaluate_first:
+                if message_type == TRAIN and name in evaluate_first:
                     config[P.EVALUATE_FIRST] = True
                 content[P.CONFIG] = config
                 self.costs.sent(content)
@@ -229,7 +229,8 @@ class Engine:
         names = self.sample_train_clients()
         if self.algorithm.sequential:
             return self.ordered_round(grid, server_round, names, evaluate_first)
-        messages = self.messages(names, server_round, TRAIN, evaluate_first)
+        carried_by = names if evaluate_first else ()
+        messages = self.messages(names, server_round, TRAIN, carried_by)
         replies = exchange(
             grid, messages, self.cfg.round_timeout, self.cfg.max_in_flight
         )
@@ -264,8 +265,14 @@ class Engine:
         c_{k-W}`` have been applied, and replies are applied strictly in that
         order (:class:`~.exchange.InOrder`), so the outcome does not depend on
         timing. A client that fails or does not answer within ``round-timeout``
-        seconds is skipped. A carried evaluation goes out right after the first
-        ``W`` train messages, which are built from the same state.
+        seconds is skipped.
+
+        A carried evaluation (the previous round's, of the state the round
+        starts from) rides on the first ``W`` train messages, which are built
+        from that state; the other clients get evaluation messages right after
+        them, and each of those clients' train message waits for its
+        evaluation's reply, so every client evaluates before it trains again
+        (BatchNorm statistics are those the evaluated model was trained with).
 
         ``min-train-clients``: the round changes nothing unless at least that
         many replies were accepted (the algorithm undoes what it applied).
@@ -275,14 +282,18 @@ class Engine:
         if self.cfg.hn_order == "by-size":
             sizes = {name: self.clients[name].num_params for name in order}
             order = side_by_side(order, sizes, width, self.rng)
-        alongside = ()
+        carried_by, alongside = [], ()
         if evaluate_first:
-            alongside = self.messages(self.phase_names, server_round - 1, EVALUATE)
+            carried_by = order[:width]
+            # In visiting order: the evaluations the next train messages wait for
+            # come first.
+            rest = order[width:] + [n for n in self.phase_names if n not in order]
+            alongside = self.messages(rest, server_round - 1, EVALUATE)
         with self.costs.server_time():
             self.algorithm.begin_ordered_round(server_round)
         flight = InOrder(
             grid,
-            self.messages(order, server_round, TRAIN),
+            self.messages(order, server_round, TRAIN, carried_by),
             self.cfg.round_timeout,
             width,
             alongside,
@@ -308,7 +319,13 @@ class Engine:
             self.algorithm.end_ordered_round(server_round, applied, complete)
         carried = None
         if evaluate_first:
-            carried = self.summarise_evaluate(flight.alongside_replies)
+            evaluated = self.check.messages(
+                self.clients, flight.alongside_replies, "evaluate"
+            )
+            carried = summarise_evaluation(
+                [(r.client, r.carried) for r in applied if r.carried]
+                + [(r.client, r.metrics) for r in evaluated]
+            )
         return summarise_train(applied), carried
 
     # -- evaluate ----------------------------------------------------------------

@@ -252,12 +252,15 @@ def summarise_evaluation(
     replies: list[tuple[ClientInfo, MetricRecord]],
 ) -> dict[str, Any] | None:
     """Accuracy as total correct / total examples, plus the per-client view; with
-    ``bn-eval = "both"`` also ``accuracy_recalibrated``."""
+    ``bn-eval = "both"`` also ``accuracy_recalibrated``.
+
+    Summed in client-name order, so the loss does not depend on the order the
+    replies came in."""
     if not replies:
         return None
     per_client, correct, total, loss_sum = {}, 0, 0, 0.0
     recalibrated, any_recalibrated = 0, False
-    for client, m in replies:
+    for client, m in sorted(replies, key=lambda item: item[0].name):
         n, c = int(m[P.NUM_EXAMPLES]), int(m[P.CORRECT])
         per_client[client.name] = c / n if n else 0.0
         correct, total, loss_sum = correct + c, total + n, loss_sum + m[P.LOSS] * n
