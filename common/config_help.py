@@ -92,7 +92,7 @@ RUN_CONFIG_HELP: dict[str, str] = {
     "hn-order": (
         "`sequential` only: `random` (a seeded permutation of the round's "
         "clients) or `by-size` (the same, regrouped so that the clients in "
-        "flight together have the same size: no core idles beside a larger "
+        "flight together have the same size: fewer cores idle beside a larger "
         "model; unchanged when all clients have one size or `hn-window` = 1)"
     ),
     "embed-dim": "columns of each client's embedding matrix",

@@ -402,9 +402,10 @@ def test_growth():
 @pytest.mark.parametrize(
     ("update", "messages"),
     [
-        # sequential: round r's window holds round r-1's EVALUATE replies, the
-        # last round also its own evaluation
-        ({"hn-window": 2}, [3, 6, 9]),
+        # sequential: round r's window holds round r-1's evaluation (the first
+        # hn-window = 2 train messages carry theirs, one EVALUATE message for the
+        # third client), the last round also its own evaluation
+        ({"hn-window": 2}, [3, 4, 7]),
         # mean: the evaluation rides inside the next round's train replies
         ({"hn-update": "mean"}, [3, 3, 6]),
     ],
