@@ -64,8 +64,8 @@ class Flight:
         self._source = iter(messages)
         self._exhausted = False
         self._held: Message | None = None
-        self.sent: dict[str, tuple[int, float]] = {}  # id -> (position, push time)
-        self._node: dict[str, int] = {}  # id -> destination node
+        # id -> (position, push time, destination node)
+        self.sent: dict[str, tuple[int, float, int]] = {}
         self.replies: list[Message] = []
         self.given_up = 0
         self._pushed = 0  # messages taken from the source
@@ -90,13 +90,13 @@ class Flight:
             if not ids and self.ordered:  # the node is gone: nothing comes back
                 self._arrived[position] = None
             for message_id in ids:
-                self.sent[message_id] = (position, time.monotonic())
-                self._node[message_id] = message.metadata.dst_node_id
+                node = message.metadata.dst_node_id
+                self.sent[message_id] = (position, time.monotonic(), node)
 
     @property
     def waiting_nodes(self) -> set[int]:
         """Nodes with a message of this flight not yet answered or given up."""
-        return {self._node[message_id] for message_id in self.sent}
+        return {node for _, _, node in self.sent.values()}
 
     @property
     def holding(self) -> bool:
@@ -121,7 +121,6 @@ class Flight:
         entry = self.sent.pop(reply.metadata.reply_to_message_id, None)
         if entry is None:
             return False
-        del self._node[reply.metadata.reply_to_message_id]
         if self.ordered:
             self._arrived[entry[0]] = reply
         else:
@@ -135,13 +134,12 @@ class Flight:
         now = time.monotonic()
         late = [
             m
-            for m, (position, at) in self.sent.items()
+            for m, (position, at, _) in self.sent.items()
             if now - at >= self.timeout
             and (not self.ordered or position == self._released)
         ]
         for message_id in late:
-            position, _ = self.sent.pop(message_id)
-            del self._node[message_id]
+            position = self.sent.pop(message_id)[0]
             if self.ordered:
                 self._arrived[position] = None
         self.given_up += len(late)
@@ -164,7 +162,7 @@ class Flight:
     def restart_clock(self) -> None:
         """Count every pending message's ``timeout`` from now."""
         now = time.monotonic()
-        self.sent = {m: (position, now) for m, (position, _) in self.sent.items()}
+        self.sent = {m: (pos, now, node) for m, (pos, _, node) in self.sent.items()}
 
 
 def _pull(grid: Grid, flights: list[Flight]) -> None:

@@ -235,10 +235,7 @@ class Engine:
             grid, messages, self.cfg.round_timeout, self.cfg.max_in_flight
         )
         valid = self.aggregate_train(server_round, replies)
-        carried = summarise_evaluation(
-            [(r.client, r.carried) for r in valid if r.carried]
-        )
-        return summarise_train(valid), carried
+        return summarise_train(valid), self.summarise_evaluate([], carried_by=valid)
 
     def aggregate_train(self, server_round: int, replies: list[Message]) -> list[Reply]:
         """Validate the round's train replies and let the algorithm apply the
@@ -319,12 +316,8 @@ class Engine:
             self.algorithm.end_ordered_round(server_round, applied, complete)
         carried = None
         if evaluate_first:
-            evaluated = self.check.messages(
-                self.clients, flight.alongside_replies, "evaluate"
-            )
-            carried = summarise_evaluation(
-                [(r.client, r.carried) for r in applied if r.carried]
-                + [(r.client, r.metrics) for r in evaluated]
+            carried = self.summarise_evaluate(
+                flight.alongside_replies, carried_by=applied
             )
         return summarise_train(applied), carried
 
@@ -337,10 +330,16 @@ class Engine:
         )
         return self.summarise_evaluate(replies)
 
-    def summarise_evaluate(self, replies: list[Message]) -> dict[str, Any] | None:
-        """Total correct / total examples over the accepted evaluation replies."""
+    def summarise_evaluate(
+        self, replies: list[Message], carried_by: Collection[Reply] = ()
+    ) -> dict[str, Any] | None:
+        """Total correct / total examples over the accepted evaluation replies
+        and the evaluations that the train replies ``carried_by`` carried."""
         valid = self.check.messages(self.clients, replies, "evaluate")
-        return summarise_evaluation([(r.client, r.metrics) for r in valid])
+        return summarise_evaluation(
+            [(r.client, r.carried) for r in carried_by if r.carried]
+            + [(r.client, r.metrics) for r in valid]
+        )
 
     # -- clients -----------------------------------------------------------------
     def admit_new_nodes(self, grid: Grid, results: RunResults) -> None:
