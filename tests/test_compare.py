@@ -285,6 +285,19 @@ def published_section(heading: str) -> str:
     return docs[start : min([e for e in ends if e > 0] or [len(docs)])]
 
 
+def accuracy_row(strategy: dict, *more: str) -> str:
+    """A published row: the strategy, its final, best and last-5 mean accuracy as
+    ``make compare --table-only`` formats them, then the cells ``more``."""
+    cells = [
+        f"`{strategy['strategy']}`",
+        report.format_accuracy(strategy["final_accuracy"]),
+        report.format_accuracy(strategy["best_accuracy"]),
+        report.format_accuracy(strategy["last5_accuracy"]),
+        *more,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def test_the_50_client_cnn_table_in_the_docs_is_what_the_records_give():
     """docs/COMPARISON.md's 50-client CNN table: every strategy finished both seeds,
     and its row is the one ``make compare --table-only`` computes from the records
@@ -296,11 +309,7 @@ def test_the_50_client_cnn_table_in_the_docs_is_what_the_records_give():
     assert len(strategies) == 12
     for s in strategies:
         assert s["seeds_finished"] == s["seeds_total"] == 2, s["strategy"]
-        row = (
-            f"| `{s['strategy']}` | {report.format_accuracy(s['final_accuracy'])} "
-            f"| {report.format_accuracy(s['best_accuracy'])} "
-            f"| {report.format_accuracy(s['last5_accuracy'])} | 42, 43 |"
-        )
+        row = accuracy_row(s, "42, 43")
         assert row in table, f"docs/COMPARISON.md lacks the row {row}"
 
 
@@ -320,12 +329,7 @@ def test_the_50_client_five_model_table_in_the_docs_is_what_the_records_give():
         recorded += 1
         assert s["final_recalibrated"] is not None, s["strategy"]
         seeds = ", ".join(str(r.seed) for r in s["runs"] if r.finished)
-        row = (
-            f"| `{s['strategy']}` | {report.format_accuracy(s['final_accuracy'])} "
-            f"| {report.format_accuracy(s['best_accuracy'])} "
-            f"| {report.format_accuracy(s['last5_accuracy'])} "
-            f"| {report.format_recalibrated(s)} | {seeds} |"
-        )
+        row = accuracy_row(s, report.format_recalibrated(s), seeds)
         assert row in table, f"docs/COMPARISON.md lacks the row {row}"
     assert recorded >= 1
 
