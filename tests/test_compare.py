@@ -317,7 +317,8 @@ def test_the_50_client_five_model_table_in_the_docs_is_what_the_records_give():
     """docs/COMPARISON.md's 50-client 5-model table, filled as runs finish: a
     strategy with a finished seed has the row ``make compare --table-only``
     computes from the records (final, best, last-5 mean, and final / best with
-    recalibrated BatchNorm statistics), one without has none."""
+    recalibrated BatchNorm statistics) and its final accuracy per model, one
+    without has none."""
     out = ROOT / "docs" / "results" / "cifar10-5models-50clients"
     preset = load_preset(ROOT / "conf" / "compare" / "cifar10-5models-50clients.toml")
     table = published_section("### The paper's 5 models, 60 rounds")
@@ -331,6 +332,11 @@ def test_the_50_client_five_model_table_in_the_docs_is_what_the_records_give():
         seeds = ", ".join(str(r.seed) for r in s["runs"] if r.finished)
         row = accuracy_row(s, report.format_recalibrated(s), seeds)
         assert row in table, f"docs/COMPARISON.md lacks the row {row}"
+        by_model = s["final_by_model"]
+        assert list(by_model) == ["cnn", "vgg8", "resnet10", "resnet12", "resnet18"]
+        cells = [report.format_accuracy(by_model[m]) for m in by_model]
+        row = f"| `{s['strategy']}` | " + " | ".join(cells) + " |"
+        assert row in table, f"docs/COMPARISON.md lacks the by-model row {row}"
     assert recorded >= 1
 
 
@@ -724,6 +730,58 @@ def test_table_reads_the_recalibrated_accuracy_when_every_round_has_it(tmp_path)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = report.markdown(report.build_report(out, preset, specs))
     assert "| local | 50.00 | 50.00 | 36.67 | 80.00 / 90.00 |" in md
+
+
+def with_clients(path: Path, tests: list[int], last: list[float]) -> None:
+    """Give a hand-made run ``client-<i>`` with ``tests[i]`` test examples and, in
+    its last round, accuracy ``last[i]``."""
+    names = [f"client-{i}" for i in range(len(tests))]
+    clients = [{"name": n, "num_test": t} for n, t in zip(names, tests, strict=True)]
+    (path / "clients.json").write_text(json.dumps(clients))
+    rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["client_accuracy"] = dict(zip(names, last, strict=True))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_table_gives_each_architectures_final_accuracy(tmp_path):
+    """With several models the table adds each one's final accuracy: its clients'
+    correct answers over their test examples, clients assigned in contiguous
+    blocks (5 clients, 2 models: clients 0-2 the first, 3-4 the second)."""
+    text = PRESET.replace('models = "cnn"', 'models = "cnn,resnet10"').replace(
+        '"fedavg", ', ""
+    )
+    preset = load_preset(write_preset(tmp_path, text))
+    out = tmp_path / "out"
+    specs = preset.runs(seeds=[1, 2], strategies=["local"])
+    for seed, last in ((1, [1.0, 0.5, 0.0, 0.25, 1.0]), (2, [0.5] * 5)):
+        path = fake_run(out, f"local-seed{seed}", [0.2, 0.5, 0.6],
+                        config={"models": "cnn,resnet10"})  # fmt: skip
+        with_clients(path, [10, 20, 30, 40, 40], last)
+    found = report.inspect_run(out, preset, specs[0])
+    # cnn: (10 + 10 + 0) / 60; resnet10: (10 + 40) / 80
+    assert found.final_by_model == pytest.approx({"cnn": 1 / 3, "resnet10": 0.625})
+    md = report.markdown(report.build_report(out, preset, specs))
+    assert "| strategy | cnn | resnet10 |" in md
+    assert "| local | 41.67 ± 8.33 | 56.25 ± 6.25 |" in md
+
+
+@pytest.mark.parametrize(
+    ("models", "names"),
+    [("cnn", ["client-0", "client-1"]), ("cnn,vgg8", ["client-0", "site-b"])],
+)
+def test_no_accuracy_by_model_with_one_model_or_names_of_a_deployment(
+    tmp_path, models, names
+):
+    path = fake_run(tmp_path, "local-seed1", [0.5], config={"models": models})
+    with_clients(path, [10, 10], [0.5, 0.5])
+    clients = json.loads((path / "clients.json").read_text())
+    for client, name in zip(clients, names, strict=True):
+        client["name"] = name
+    (path / "clients.json").write_text(json.dumps(clients))
+    row = json.loads((path / "metrics.jsonl").read_text().splitlines()[0])
+    row["client_accuracy"] = dict.fromkeys(names, 0.5)
+    assert report.accuracy_by_model(path, row) is None
 
 
 def test_the_hn_order_table_in_the_docs_is_what_the_records_give():

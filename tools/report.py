@@ -12,8 +12,9 @@ Layout of a comparison folder ``<out>/``:
     Per strategy: final, best and last-5-mean accuracy (and, with ``bn-eval =
     "both"``, final and best with recalibrated BatchNorm statistics; mean ± std
     over the seeds that finished), seconds per round, array bytes per training
-    client per round (down and up) and the number of finished seeds; per run
-    also the machine it ran on (its ``machine.json``); the mean accuracy curves.
+    client per round (down and up) and the number of finished seeds; with
+    several architectures, the final accuracy of each; per run also the machine
+    it ran on (its ``machine.json``); the mean accuracy curves.
 
 Everything here reads files only, so ``--table-only`` rebuilds the outputs from
 whatever runs exist, also while others are still running.
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client_app.local import assign_model
 from common.config import ConfigError, load_run_config
 from tools.machine import describe as describe_machine
 
@@ -55,6 +57,8 @@ REASON_CHARS = 240
 LAST = 5
 #: The per-round accuracy with BatchNorm statistics recomputed (``bn-eval = both``).
 RECAL = "accuracy_recalibrated"
+#: A simulated client's name: ``client-<partition-id>``.
+SIMULATED_NAME = re.compile(r"client-(\d+)")
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -92,6 +96,7 @@ class RunReport:
     cpu_seconds: float | None = None
     bytes_down_per_client: float | None = None
     bytes_up_per_client: float | None = None
+    final_by_model: dict[str, float] | None = None
     machine: str = ""
     curve: list[tuple[int, float]] = field(default_factory=list, repr=False)
 
@@ -104,7 +109,7 @@ class RunReport:
         return f"{self.status}: {self.reason}" if self.reason else self.status
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -125,6 +130,34 @@ def _train_rows(path: Path) -> list[dict[str, Any]]:
         if row.get("phase", "train") == "train":
             rows.append(row)
     return rows
+
+
+def accuracy_by_model(path: Path, row: dict[str, Any]) -> dict[str, float] | None:
+    """Per architecture of the run's ``models``, in that order: total correct /
+    total test examples of its clients in ``row`` (one round's record; the stored
+    BatchNorm reading).
+
+    A simulated client ``client-<i>`` runs the model the app assigns to partition
+    ``i`` (contiguous blocks); ``None`` with one architecture, or when a client's
+    name or test count is not in the run's files (a deployment's own names).
+    """
+    config = _read_json(path / "config.json") or {}
+    models = str(config.get("models", "")).split(",")
+    clients = _read_json(path / "clients.json")
+    accuracy = row.get("client_accuracy")
+    if len(set(models)) < 2 or not isinstance(clients, list) or not accuracy:
+        return None
+    tests = {c["name"]: c["num_test"] for c in clients}
+    correct = dict.fromkeys(models, 0.0)
+    examples = dict.fromkeys(models, 0)
+    for name, acc in accuracy.items():
+        match = SIMULATED_NAME.fullmatch(name)
+        if match is None or name not in tests:
+            return None
+        model = assign_model(int(match.group(1)), len(tests), models)
+        correct[model] += acc * tests[name]
+        examples[model] += tests[name]
+    return {m: correct[m] / n for m, n in examples.items() if n}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -262,6 +295,7 @@ def inspect_run(out: Path, preset: Preset, spec: RunSpec) -> RunReport:
         report.bytes_down_per_client = per_client_bytes(rows, "bytes_down")
         report.bytes_up_per_client = per_client_bytes(rows, "bytes_up")
         report.curve = [(int(r["round"]), float(r["accuracy"])) for r in rows]
+        report.final_by_model = accuracy_by_model(path, rows[-1]) if rows else None
         report.machine = machine_label(path)
         return report
     ended = _read_json(status_path(out, spec.name))
@@ -323,6 +357,16 @@ def stats(values: list[float | None]) -> dict[str, Any] | None:
     }
 
 
+def by_model(runs: list[RunReport]) -> dict[str, dict[str, Any]]:
+    """Per architecture, :func:`stats` of the runs' final accuracy on it (the
+    runs that have it; ``{}`` if none does)."""
+    models = [m for r in runs for m in r.final_by_model or {}]
+    return {
+        m: stats([(r.final_by_model or {}).get(m) for r in runs])
+        for m in dict.fromkeys(models)
+    }
+
+
 def build_report(out: Path, preset: Preset, specs: list[RunSpec]) -> dict[str, Any]:
     """Per strategy (in preset order) the aggregated numbers and per-run status."""
     runs = [inspect_run(out, preset, spec) for spec in specs]
@@ -348,6 +392,7 @@ def build_report(out: Path, preset: Preset, specs: list[RunSpec]) -> dict[str, A
                 "bytes_up_per_client_round": stats(
                     [r.bytes_up_per_client for r in done]
                 ),
+                "final_by_model": by_model(done),
                 "runs": own,
             }
         )
@@ -446,6 +491,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_num(_mean_of(s['bytes_up_per_client_round']), 1e6, 3)} | "
             f"{s['seeds_finished']}/{s['seeds_total']} | {_cell(notes)} |"
         )
+    lines += by_model_table(report["strategies"])
     lines += [
         "",
         "## Runs",
@@ -474,6 +520,28 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r.log or '–'} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def by_model_table(strategies: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: each strategy's final accuracy per architecture (none with
+    one architecture)."""
+    models = list(dict.fromkeys(m for s in strategies for m in s["final_by_model"]))
+    if not models:
+        return []
+    lines = [
+        "",
+        "Final accuracy by model (%, stored BatchNorm statistics; total correct / "
+        "total test samples of the clients running it, mean ± std over the seeds "
+        "that finished):",
+        "",
+        "| strategy | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for s in strategies:
+        if s["final_by_model"]:
+            cells = [format_accuracy(s["final_by_model"].get(m)) for m in models]
+            lines.append(f"| {s['strategy']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def as_json(report: dict[str, Any]) -> dict[str, Any]:
