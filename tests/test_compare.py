@@ -732,10 +732,12 @@ def test_table_reads_the_recalibrated_accuracy_when_every_round_has_it(tmp_path)
     assert "| local | 50.00 | 50.00 | 36.67 | 80.00 / 90.00 |" in md
 
 
-def with_clients(path: Path, tests: list[int], last: list[float]) -> None:
-    """Give a hand-made run ``client-<i>`` with ``tests[i]`` test examples and, in
-    its last round, accuracy ``last[i]``."""
-    names = [f"client-{i}" for i in range(len(tests))]
+def with_clients(
+    path: Path, tests: list[int], last: list[float], names: list[str] | None = None
+) -> None:
+    """Give a hand-made run clients ``names`` (default ``client-<i>``) with
+    ``tests[i]`` test examples and, in its last round, accuracy ``last[i]``."""
+    names = names or [f"client-{i}" for i in range(len(tests))]
     clients = [{"name": n, "num_test": t} for n, t in zip(names, tests, strict=True)]
     (path / "clients.json").write_text(json.dumps(clients))
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
@@ -774,13 +776,8 @@ def test_no_accuracy_by_model_with_one_model_or_names_of_a_deployment(
     tmp_path, models, names
 ):
     path = fake_run(tmp_path, "local-seed1", [0.5], config={"models": models})
-    with_clients(path, [10, 10], [0.5, 0.5])
-    clients = json.loads((path / "clients.json").read_text())
-    for client, name in zip(clients, names, strict=True):
-        client["name"] = name
-    (path / "clients.json").write_text(json.dumps(clients))
+    with_clients(path, [10, 10], [0.5, 0.5], names)
     row = json.loads((path / "metrics.jsonl").read_text().splitlines()[0])
-    row["client_accuracy"] = dict.fromkeys(names, 0.5)
     assert report.accuracy_by_model(path, row) is None
 
 
