@@ -782,20 +782,35 @@ def test_no_accuracy_by_model_with_one_model_or_names_of_a_deployment(
     assert report.accuracy_by_model(path, row) is None
 
 
-def test_the_hn_order_table_in_the_docs_is_what_the_records_give():
-    """docs/COMPARISON.md's by-size rows are those of the by-size preset's records."""
-    out = ROOT / "docs" / "results" / "cifar10-5models-by-size"
-    preset = load_preset(ROOT / "conf" / "compare" / "cifar10-5models-by-size.toml")
+@pytest.mark.parametrize(
+    ("preset_name", "label"),
+    [
+        ("quick-cifar10-5models", '`hn-order = "random"` (the default)'),
+        ("cifar10-5models-by-size", '`hn-order = "by-size"`'),
+        ("cifar10-5models-hn-window3", "`hn-window = 3`"),
+    ],
+)
+def test_the_round_order_tables_in_the_docs_are_what_the_records_give(
+    preset_name, label
+):
+    """docs/COMPARISON.md's rows for ``mh-pfedhn``'s 5-model round orders (the
+    default's and the presets that change it) are those of their records."""
+    out = ROOT / "docs" / "results" / preset_name
+    preset = load_preset(ROOT / "conf" / "compare" / f"{preset_name}.toml")
     docs = (ROOT / "docs" / "COMPARISON.md").read_text()
     finished = [
         found
-        for found in (report.inspect_run(out, preset, s) for s in preset.runs())
+        for found in (
+            report.inspect_run(out, preset, s)
+            for s in preset.runs()
+            if s.strategy == "mh-pfedhn"
+        )
         if found.status == report.FINISHED
     ]
     assert finished
     for found in finished:
         row = (
-            f'| `hn-order = "by-size"` | {found.seed} '
+            f"| {label} | {found.seed} "
             f"| {100 * found.final_accuracy:.2f} "
             f"| {100 * found.best_accuracy:.2f} @ {found.best_round} "
             f"| {100 * found.last5_accuracy:.2f} |"
