@@ -189,6 +189,7 @@ CPU_PRESETS = {
     "quick-cifar10-5models.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-5models-by-size.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-5models-hn-window3.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
+    "cifar10-cnn-hn-window3.toml": (10, 40, "cnn"),
     "cifar10-cnn-50clients.toml": (50, 100, "cnn"),
     "cifar10-cnn-50clients-hn-window1.toml": (50, 100, "cnn"),
     "cifar10-cnn-50clients-gd-alpha0.toml": (50, 100, "cnn"),
@@ -276,6 +277,22 @@ def test_the_five_model_table_in_the_docs_is_what_the_records_give():
             f"| {report.format_accuracy(s['best_accuracy'])} |"
         )
         assert row in docs, f"docs/COMPARISON.md lacks the row {row}"
+
+
+def test_the_quick_cnn_tables_mh_pfedhn_row_is_what_its_records_give():
+    """docs/COMPARISON.md's 10-client CNN table: ``mh-pfedhn``'s row (the one
+    strategy of that preset with committed records) is what its records give."""
+    out = ROOT / "docs" / "results" / "quick-cifar10-cnn"
+    preset = load_preset(ROOT / "conf" / "compare" / "quick-cifar10-cnn.toml")
+    specs = [s for s in preset.runs() if s.strategy == "mh-pfedhn"]
+    assert {p.name for p in (out / "runs").iterdir()} == {s.name for s in specs}
+    (s,) = report.build_report(out, preset, specs)["strategies"]
+    assert s["seeds_finished"] == 2
+    row = (
+        f"| `mh-pfedhn` | {report.format_accuracy(s['final_accuracy'])} "
+        f"| {report.format_accuracy(s['best_accuracy'])} |"
+    )
+    assert row in published_section("## CIFAR-10, 10 CNN clients"), row
 
 
 def published_section(heading: str) -> str:
@@ -788,13 +805,16 @@ def test_no_accuracy_by_model_with_one_model_or_names_of_a_deployment(
         ("quick-cifar10-5models", '`hn-order = "random"` (the default)'),
         ("cifar10-5models-by-size", '`hn-order = "by-size"`'),
         ("cifar10-5models-hn-window3", "`hn-window = 3`"),
+        ("quick-cifar10-cnn", "`hn-window = 2` (the default)"),
+        ("cifar10-cnn-hn-window3", "`hn-window = 3`"),
     ],
 )
 def test_the_round_order_tables_in_the_docs_are_what_the_records_give(
     preset_name, label
 ):
-    """docs/COMPARISON.md's rows for ``mh-pfedhn``'s 5-model round orders (the
-    default's and the presets that change it) are those of their records."""
+    """docs/COMPARISON.md's rows for ``mh-pfedhn``'s round orders and windows on
+    the 10-client settings (the default's and the presets that change them) are
+    those of their records."""
     out = ROOT / "docs" / "results" / preset_name
     preset = load_preset(ROOT / "conf" / "compare" / f"{preset_name}.toml")
     docs = (ROOT / "docs" / "COMPARISON.md").read_text()
