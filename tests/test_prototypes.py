@@ -7,6 +7,10 @@ for a few rounds with the real ClientApp through the in-process grid.
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +280,41 @@ def test_prototype_strategies_run(folder, tmp_path, name):
         assert counts.shape == (6,)
         assert counts.sum() == content[P.METRICS][P.NUM_EXAMPLES]
     assert rows[-1]["bytes_up"] > 3 * (6 * 64 + 6) * 4
+
+
+def readings_script(run_dir, data_dir) -> subprocess.CompletedProcess:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prototype_readings.py"
+    return subprocess.run(
+        [sys.executable, str(script), str(run_dir), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_prototype_readings_rebuild_the_last_evaluation(folder, tmp_path):
+    """scripts/prototype_readings.py on a finished fedproto run: every client is
+    rebuilt from its saved state, so the prototype reading is the run's last
+    accuracy; the own-head reading is the same models through their heads."""
+    config = base_config(folder, tmp_path, strategy="fedproto", models="cnn,resnet10")
+    state_dir = tmp_path / "p" / "client-state"
+    config |= {"run-name": "p", "num-server-rounds": 2}
+    config |= {"client-state-dir": str(state_dir)}
+    _, _, results, rows = run(config, 3)
+    done = readings_script(results.path, folder)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout.splitlines()
+    assert table[0] == "p: round 2, 3 clients"
+    assert [line.split(" | ")[0] for line in table[3:]] == [
+        "| cnn",
+        "| resnet10",
+        "| all",
+    ]
+    cells = table[-1].strip("| ").split(" | ")
+    assert cells[1] == f"{100 * rows[-1]['accuracy']:.2f}"
+    assert 0 <= float(cells[2]) <= 100 and 0 <= float(cells[3]) <= 100
+
+    shutil.rmtree(state_dir)
+    done = readings_script(results.path, folder)
+    assert done.returncode != 0
+    assert "has no client-state/ (run-config client-state-dir keeps it)" in done.stderr
