@@ -29,6 +29,9 @@ import torch
 from flwr.app import Context, RecordDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The script's folder is on sys.path when Python runs it.
+from bn_recalibration import last_evaluation  # noqa: E402
+
 from client_app.local import LocalClient  # noqa: E402
 from client_app.persist import load_state  # noqa: E402
 from client_app.trainers import build_trainer  # noqa: E402
@@ -44,16 +47,6 @@ def fail(message: str) -> None:
     raise SystemExit(f"prototype_readings: {message}")
 
 
-def last_evaluated_round(run: Path) -> int:
-    rows = [
-        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
-    ]
-    rounds = [r["round"] for r in rows if r.get("client_accuracy")]
-    if not rounds:
-        fail(f"{run}/metrics.jsonl has no evaluated round")
-    return rounds[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path)
@@ -67,7 +60,7 @@ def main() -> None:
     if not states.is_dir():
         fail(f"{run} has no client-state/ (run-config client-state-dir keeps it)")
     checkpoint = read_checkpoint(run / "checkpoint.pt")
-    last = last_evaluated_round(run)
+    last = last_evaluation(run)["round"]
     if checkpoint["round"] != last:
         fail(
             f"{run}: checkpoint of round {checkpoint['round']}, last evaluation "
