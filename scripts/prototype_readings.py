@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from flwr.app import Context, RecordDict
@@ -43,7 +44,7 @@ from server_app.strategies.prototypes import prototypes_payload  # noqa: E402
 STRATEGIES = ("fedproto", "fedtgp")
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     raise SystemExit(f"prototype_readings: {message}")
 
 
@@ -94,10 +95,10 @@ def main() -> None:
         trainer = build_trainer(cfg.strategy, client, context.state)
         logits_fn = trainer.logits_fn(content)
         x, y = client.test_tensors()
-        _, by_proto, n = evaluate_local(client.model, x, y, logits_fn=logits_fn)
-        _, by_head, _ = evaluate_local(client.model, x, y)
+        _, by_head, n = evaluate_local(client.model, x, y)  # also: eval mode
         with torch.no_grad():
             predicted = logits_fn(client.model, x).argmax(dim=1)
+        by_proto = int((predicted == y).sum())
         own = torch.unique(client.data.train_y).to(predicted.device)
         outside = int((~torch.isin(predicted, own)).sum())
         row = totals.setdefault(client.model_name, [0, 0, 0, 0])
