@@ -2,7 +2,9 @@
 
 Local training follows PAPER.md: ``epochs`` passes over the client's train split in
 a fresh random order, mini-batches of ``batch_size``, SGD with momentum and weight
-decay, gradient norm clipped to ``grad_clip``, and a fresh optimizer every round.
+decay, gradient norm clipped to ``grad_clip``, and a fresh optimizer every round; in
+float32, or with ``precision = "bf16"`` each mini-batch's forward pass and loss in
+bfloat16 autocast (mixed precision, an option for hardware with bfloat16 units).
 Strategies that train several models together (mutual learning) pass them in an
 ``nn.ModuleDict`` and each model's gradient norm is clipped on its own, as HtFLlib's
 one optimizer and one ``clip_grad_norm_`` per model do. Strategies that train
@@ -43,6 +45,9 @@ class LocalHParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float = 50.0
+    #: ``bf16``: each mini-batch's forward and loss under ``torch.autocast`` in
+    #: bfloat16; ``fp32``: plain float32 (the paper).
+    precision: str = "fp32"
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalHParams:
@@ -53,6 +58,7 @@ class LocalHParams:
             momentum=cfg.client_momentum,
             weight_decay=cfg.client_weight_decay,
             grad_clip=cfg.client_grad_clip,
+            precision=cfg.client_precision,
         )
 
 
@@ -135,7 +141,7 @@ def train_local(
     x, y : torch.Tensor
         Inputs ``(N, C, H, W)`` and integer labels ``(N,)``.
     hparams : LocalHParams
-        Epochs, batch size and SGD settings.
+        Epochs, batch size, SGD settings and the arithmetic (``precision``).
     generator : torch.Generator
         CPU generator that draws the batch order (seeded by the caller).
     loss_fn : LossFn
@@ -156,6 +162,12 @@ def train_local(
         momentum=hparams.momentum,
         weight_decay=hparams.weight_decay,
     )
+    # Mixed precision: autocast runs convolutions and matrix products in bfloat16
+    # and keeps reductions such as the loss in float32; the parameters, their
+    # gradients and the optimizer stay float32, so the update is float32.
+    autocast = torch.autocast(
+        x.device.type, dtype=torch.bfloat16, enabled=hparams.precision == "bf16"
+    )
     model.train()
     n = x.shape[0]
     total, batches = 0.0, 0
@@ -164,7 +176,8 @@ def train_local(
         for i in range(0, n, hparams.batch_size):
             idx = order[i : i + hparams.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, x[idx], y[idx])
+            with autocast:
+                loss = loss_fn(model, x[idx], y[idx])
             loss.backward()
             for group in groups:
                 nn.utils.clip_grad_norm_(group, hparams.grad_clip)

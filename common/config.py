@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
     #: Intra-op threads torch uses in every ClientApp message (0: the process's
     #: own, i.e. all cores in deployment, 1 per simulated client under Ray).
     client_threads: int = Field(0, ge=0)
+    #: Arithmetic of the local training steps: ``fp32`` (the paper) or ``bf16``
+    #: (autocast: convolutions and matrix products in bfloat16; weights, optimizer,
+    #: updates and evaluation in fp32).
+    client_precision: Literal["fp32", "bf16"] = "fp32"
 
     # Hypernetwork
     hn_lr: float = Field(2e-4, gt=0.0)

@@ -77,6 +77,15 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "thread count, so runs with different values differ in the last bits "
         "and then diverge. See [Benchmarks](BENCHMARKS.md#round-speed-5-models)"
     ),
+    "client-precision": (
+        "arithmetic of local training: `fp32` (the paper) or `bf16` (mixed "
+        "precision: each mini-batch's forward pass and loss under "
+        "`torch.autocast` in bfloat16; weights, gradients, the optimizer, the "
+        "updates sent and evaluation stay float32). Changes results. Fast where "
+        "the hardware has bfloat16 units (CPUs with AMX or AVX512-BF16, "
+        "recent GPUs); elsewhere it can be slower than `fp32`. See "
+        "[Benchmarks](BENCHMARKS.md#mixed-precision-client-precision--bf16)"
+    ),
     "hn-lr": "hypernetwork Adam learning rate",
     "hn-grad-clip": "hypernetwork gradient norm clip",
     "hn-update": (

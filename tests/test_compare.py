@@ -189,6 +189,7 @@ CPU_PRESETS = {
     "quick-cifar10-5models.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-5models-by-size.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-5models-hn-window3.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
+    "cifar10-5models-bf16.toml": (10, 40, "cnn,vgg8,resnet10,resnet12,resnet18"),
     "cifar10-cnn-hn-window3.toml": (10, 40, "cnn"),
     "cifar10-cnn-50clients.toml": (50, 100, "cnn"),
     "cifar10-cnn-50clients-hn-window1.toml": (50, 100, "cnn"),

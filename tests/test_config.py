@@ -52,6 +52,7 @@ def test_the_configuration_reference_is_generated_from_the_schema():
         ("fraction-train", 1.5, "less than or equal to 1"),
         ("partition", "iid", "'pathological' or 'dirichlet'"),
         ("hn-update", "avg", "'sequential' or 'mean'"),
+        ("client-precision", "fp16", "'fp32' or 'bf16'"),
         ("num-server-rounds", 2.5, "valid integer"),
         ("run-name", "../x", "plain folder name"),
     ],
