@@ -76,7 +76,8 @@ the same machine, so their ratio is what to compare on a shared host):
   (:func:`bench.sequential.round_flops`) against what this machine sustains on
   those convolutions (:func:`bench.sequential.conv_throughput`, one core's rate
   times the cores): ``floor_s = FLOPs / rate`` is the round's physical lower
-  bound from the clients' compute alone.
+  bound from the clients' compute alone (training FLOPs at the rate of the run's
+  ``client-precision``, evaluation FLOPs at the float32 rate).
 
 The last line printed is ``ratio R``, ``R`` = our ``flwr run`` round's seconds
 over the sequential loop's (below 1: the simulation is faster than the plain
@@ -102,7 +103,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import DEFAULT_OUT, print_table, write_json
-from .sequential import conv_throughput, round_flops, sequential_loop
+from .sequential import app_config, conv_throughput, round_flops, sequential_loop
 from .simulation import (
     CLIENT_RESOURCES,
     QUIET_LIMIT,
@@ -394,6 +395,8 @@ def compare(
 ) -> dict[str, Any]:
     """The sequential loop and the FLOP floor next to the ``flwr run``'s mean
     round ``round_s`` (see the module docstring); prints their tables."""
+    from common.config import load_run_config
+
     found: dict[str, Any] = {"ratio": None}
     rows = [{"what": "flwr run (ours)", "s_per_round": round_s}]
     if seq_rounds >= 2:
@@ -425,15 +428,22 @@ def compare(
         print_table(models, ["model", "train_s", "eval_s"])
     flops = round_flops(config, clients)
     names = list(flops["per_model"])
-    one = conv_throughput(names, threads=1)
-    every = conv_throughput(names, threads=os.cpu_count() or 1)
     cores = os.cpu_count() or 1
-    rate = max(one["gflops"] * cores, every["gflops"]) * 1e9
-    floor = flops["total"] / rate
+    # Training runs in the run's client-precision, evaluation always in float32.
+    precision = load_run_config(app_config() | config).client_precision
+    one, every, rate = {}, {}, {}
+    for p in dict.fromkeys(["fp32", precision]):
+        one[p] = conv_throughput(names, threads=1, precision=p)
+        every[p] = conv_throughput(names, threads=cores, precision=p)
+        rate[p] = max(one[p]["gflops"] * cores, every[p]["gflops"]) * 1e9
+    train = sum(v["train"] for v in flops["per_model"].values())
+    floor = train / rate[precision] + (flops["total"] - train) / rate["fp32"]
     found["flops"] = flops | {
-        "conv_gflops_one_core": one["gflops"],
-        "conv_gflops_all_cores_one_process": every["gflops"],
-        "rate_gflops": rate / 1e9,
+        "conv_gflops_one_core": one["fp32"]["gflops"],
+        "conv_gflops_all_cores_one_process": every["fp32"]["gflops"],
+        "rate_gflops": rate["fp32"] / 1e9,
+        "train_precision": precision,
+        "train_rate_gflops": rate[precision] / 1e9,
         "floor_s": floor,
     }
     rows.append({"what": "clients' compute at the conv rate (floor)",
@@ -442,13 +452,17 @@ def compare(
         f"{name} {(v['train'] + v['eval']) / 1e12:.3f}"
         for name, v in flops["per_model"].items()
     )
+    rates = "; ".join(
+        f"{p}: {one[p]['gflops']:.1f} GFLOP/s on one core (x {cores} = "
+        f"{one[p]['gflops'] * cores:.1f}), {every[p]['gflops']:.1f} GFLOP/s on "
+        f"{cores} threads in one process"
+        for p in one
+    )
     print(
         f"\nFLOPs of one round of the clients' compute: {flops['total'] / 1e12:.3f} "
-        f"TFLOP ({by_model}); "
-        f"conv forward+backward sustained: {one['gflops']:.1f} GFLOP/s on one "
-        f"core (x {cores} = {one['gflops'] * cores:.1f}), {every['gflops']:.1f} "
-        f"GFLOP/s on {cores} threads in one process; floor {floor:.1f} s"
-    )  # fmt: skip
+        f"TFLOP ({by_model}); conv forward+backward sustained, {rates}; "
+        f"floor {floor:.1f} s (training in {precision}, evaluation in fp32)"
+    )
     for row in rows:
         row["x_floor"] = row["s_per_round"] / floor
     print(f"\nSeconds per round, {clients} clients ({config.get('models', 'cnn')})\n")

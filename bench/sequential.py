@@ -256,12 +256,18 @@ def _distinct(layers):
 
 
 def conv_throughput(
-    names: list[str], threads: int = 1, seconds: float = 0.3, batch: int = 64
+    names: list[str],
+    threads: int = 1,
+    seconds: float = 0.3,
+    batch: int = 64,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """GFLOP/s of forward + backward over every convolution of ``names``.
 
     With ``threads = 1`` the time is this thread's CPU time (robust to other
-    jobs); otherwise wall-clock on ``threads`` intra-op threads.
+    jobs); otherwise wall-clock on ``threads`` intra-op threads. ``precision``
+    is run-config ``client-precision``: ``bf16`` runs the forward pass under
+    bfloat16 autocast, as local training then does.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -274,7 +280,10 @@ def conv_throughput(
             x.requires_grad_(input_grad)
 
             def step(conv=conv, x=x):
-                out = conv(x)
+                with torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"
+                ):
+                    out = conv(x)
                 out.backward(torch.ones_like(out))
 
             per_step = _flops(step)
@@ -288,4 +297,4 @@ def conv_throughput(
             flops += per_step * n * count
     finally:
         torch.set_num_threads(before)
-    return {"gflops": flops / spent / 1e9, "threads": threads}
+    return {"gflops": flops / spent / 1e9, "threads": threads, "precision": precision}

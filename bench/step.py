@@ -13,11 +13,14 @@ thread, random 32x32 inputs) in three settings, each in a fresh process:
   the app stores its data and models in (``common.data.to_tensor``), which
   oneDNN's CPU convolutions work in;
 - ``+ keep freed``: the app's setting, channels-last and
-  :func:`common.allocator.keep_freed_memory`.
+  :func:`common.allocator.keep_freed_memory`;
+- ``+ bf16``: the app's setting with run-config ``client-precision = "bf16"``
+  (the forward pass and loss in bfloat16 autocast).
 
 The settings alternate ``--reps`` times so that a host whose speed drifts slows
 all alike. Prints the fastest milliseconds per step of each, the minor page faults
-per step, and the ratios to ``NCHW``.
+per step, the ratios to ``NCHW``, and ``bf16 / app`` (``+ bf16`` over ``+ keep
+freed``).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from pathlib import Path
 from .common import DEFAULT_OUT, write_json
 
 SETTINGS = {
-    "NCHW": {"channels_last": False, "keep_freed": False},
-    "channels-last": {"channels_last": True, "keep_freed": False},
-    "+ keep freed": {"channels_last": True, "keep_freed": True},
+    "NCHW": {"channels_last": False, "keep_freed": False, "precision": "fp32"},
+    "channels-last": {"channels_last": True, "keep_freed": False, "precision": "fp32"},
+    "+ keep freed": {"channels_last": True, "keep_freed": True, "precision": "fp32"},
+    "+ bf16": {"channels_last": True, "keep_freed": True, "precision": "bf16"},
 }
 
 CHILD = """
@@ -53,7 +57,8 @@ x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
 if setting["channels_last"]:
     model = model.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
-hparams, generator = LocalHParams(), torch.Generator().manual_seed(0)
+hparams = LocalHParams(precision=setting["precision"])
+generator = torch.Generator().manual_seed(0)
 train_local(model, x, y, hparams, generator)  # warm-up: oneDNN primitives
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 start = time.perf_counter()
@@ -89,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     names = list(SETTINGS)
     print("| model | " + " | ".join(f"{n} ms / step" for n in names)
           + " | " + " | ".join(f"{n} faults / step" for n in names)
-          + " | channels-last / NCHW | app / NCHW |")  # fmt: skip
-    print("|---" * (2 * len(names) + 3) + "|")
+          + " | channels-last / NCHW | app / NCHW | bf16 / app |")  # fmt: skip
+    print("|---" * (2 * len(names) + 4) + "|")
     results = {}
     for model in args.models.split(","):
         best = {n: {"ms": float("inf"), "faults": 0.0} for n in names}
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             + " | "
             + " | ".join(f"{best[n]['faults']:.0f}" for n in names)
             + f" | {best['channels-last']['ms'] / base:.3f}"
-            + f" | {best['+ keep freed']['ms'] / base:.3f} |",
+            + f" | {best['+ keep freed']['ms'] / base:.3f}"
+            + f" | {best['+ bf16']['ms'] / best['+ keep freed']['ms']:.3f} |",
             flush=True,
         )
     write_json(

@@ -491,6 +491,8 @@ def test_sequential_loop_and_round_flops_on_a_small_federation(tmp_path):
         v["train"] + v["eval"] for v in flops["per_model"].values()
     )
     assert conv_throughput(["cnn"], seconds=0.01)["gflops"] > 0
+    bf16 = conv_throughput(["cnn"], seconds=0.01, precision="bf16")
+    assert bf16["gflops"] > 0 and bf16["precision"] == "bf16"
 
 
 def test_step_bench_measures_every_setting_in_its_own_process(tmp_path, capsys):
