@@ -802,14 +802,14 @@ def test_no_accuracy_by_model_with_one_model_or_names_of_a_deployment(
         ("cifar10-5models-hn-window3", "`hn-window = 3`"),
         ("quick-cifar10-cnn", "`hn-window = 2` (the default)"),
         ("cifar10-cnn-hn-window3", "`hn-window = 3`"),
+        ("quick-cifar10-5models", '`client-precision = "fp32"` (the default)'),
+        ("cifar10-5models-bf16", '`client-precision = "bf16"`'),
     ],
 )
-def test_the_round_order_tables_in_the_docs_are_what_the_records_give(
-    preset_name, label
-):
-    """docs/COMPARISON.md's rows for ``mh-pfedhn``'s round orders and windows on
-    the 10-client settings (the default's and the presets that change them) are
-    those of their records."""
+def test_the_option_tables_in_the_docs_are_what_the_records_give(preset_name, label):
+    """docs/COMPARISON.md's rows for ``mh-pfedhn``'s options (round order, window,
+    arithmetic) on the 10-client settings, the default's and the presets that
+    change them, are those of their records."""
     out = ROOT / "docs" / "results" / preset_name
     preset = load_preset(ROOT / "conf" / "compare" / f"{preset_name}.toml")
     docs = (ROOT / "docs" / "COMPARISON.md").read_text()
