@@ -17,13 +17,17 @@ which is much cheaper than a ``DataLoader`` for 32x32 images.
 
 from __future__ import annotations
 
+import functools
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from logging import WARNING
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from flwr.common.logger import log
 from torch import nn
 
 if TYPE_CHECKING:
@@ -123,6 +127,35 @@ def clip_groups(
     return [g for g in groups if g]
 
 
+def has_bf16_units(device: torch.device) -> bool | None:
+    """Whether ``device`` has bfloat16 arithmetic units; ``None`` where unknown.
+
+    An x86 CPU has them with AVX512-BF16 or AMX; without them oneDNN emulates
+    bfloat16, and a training step is several times slower than in float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu" and platform.machine().lower() in {"x86_64", "amd64"}:
+        return bool(
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+    return None
+
+
+@functools.cache
+def warn_if_bf16_is_emulated(device: torch.device) -> None:
+    """Log once per process and device when ``client-precision = "bf16"`` runs
+    where bfloat16 has no hardware support."""
+    if has_bf16_units(device) is False:
+        log(
+            WARNING,
+            "client-precision = 'bf16' on %s without bfloat16 units (no "
+            "AVX512-BF16 or AMX on a CPU): local training is emulated and several "
+            "times slower than 'fp32'",
+            device,
+        )
+
+
 def train_local(
     model: nn.Module,
     x: torch.Tensor,
@@ -165,9 +198,10 @@ def train_local(
     # Mixed precision: autocast runs convolutions and matrix products in bfloat16
     # and keeps reductions such as the loss in float32; the parameters, their
     # gradients and the optimizer stay float32, so the update is float32.
-    autocast = torch.autocast(
-        x.device.type, dtype=torch.bfloat16, enabled=hparams.precision == "bf16"
-    )
+    bf16 = hparams.precision == "bf16"
+    if bf16:
+        warn_if_bf16_is_emulated(x.device)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
     model.train()
     n = x.shape[0]
     total, batches = 0.0, 0

@@ -81,9 +81,11 @@ RUN_CONFIG_HELP: dict[str, str] = {
         "arithmetic of local training: `fp32` (the paper) or `bf16` (mixed "
         "precision: each mini-batch's forward pass and loss under "
         "`torch.autocast` in bfloat16; weights, gradients, the optimizer, the "
-        "updates sent and evaluation stay float32). Changes results. Fast where "
-        "the hardware has bfloat16 units (CPUs with AMX or AVX512-BF16, "
-        "recent GPUs); elsewhere it can be slower than `fp32`. See "
+        "updates sent and evaluation stay float32). Changes results. Fast only "
+        "where the hardware has bfloat16 units (CPUs with AMX or AVX512-BF16, "
+        "recent GPUs): a 5-model round took 0.61x the `fp32` one there, while "
+        "without them a step is emulated and several times slower (the clients "
+        "log a warning). See "
         "[Benchmarks](BENCHMARKS.md#mixed-precision-client-precision--bf16)"
     ),
     "hn-lr": "hypernetwork Adam learning rate",

@@ -99,3 +99,26 @@ def test_the_run_config_reaches_the_clients_training(tmp_path):
         _, _, _, rows = run(config, 2)
     assert {torch.bfloat16, torch.float32} <= set(seen.dtypes)  # train, evaluate
     assert rows[-1]["accuracy"] >= 0
+
+
+@pytest.mark.parametrize(("units", "warned"), [(False, True), (True, False)])
+def test_bf16_without_bfloat16_units_is_logged_once(monkeypatch, caplog, units, warned):
+    import logging
+
+    import client_app.training as training
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: units)
+    monkeypatch.setattr(training.platform, "machine", lambda: "x86_64")
+    training.warn_if_bf16_is_emulated.cache_clear()
+    model = build_model("cnn", 10).to(memory_format=torch.channels_last)
+    x, y = batch(n=16)
+    try:
+        with caplog.at_level(logging.WARNING, logger="flwr"):
+            for _ in range(2):
+                trained("bf16", model, x, y)
+            trained("fp32", model, x, y)
+    finally:
+        training.warn_if_bf16_is_emulated.cache_clear()
+    found = [r for r in caplog.records if "without bfloat16 units" in r.getMessage()]
+    assert len(found) == (1 if warned else 0)
