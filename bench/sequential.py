@@ -267,8 +267,10 @@ def conv_throughput(
     With ``threads = 1`` the time is this thread's CPU time (robust to other
     jobs); otherwise wall-clock on ``threads`` intra-op threads. ``precision``
     is run-config ``client-precision``: ``bf16`` runs the forward pass under
-    bfloat16 autocast, as local training then does.
+    :func:`client_app.training.mixed_precision`, as local training does.
     """
+    from client_app.training import mixed_precision
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     clock = time.thread_time if threads == 1 else time.perf_counter
@@ -280,9 +282,7 @@ def conv_throughput(
             x.requires_grad_(input_grad)
 
             def step(conv=conv, x=x):
-                with torch.autocast(
-                    "cpu", dtype=torch.bfloat16, enabled=precision == "bf16"
-                ):
+                with mixed_precision("cpu", precision):
                     out = conv(x)
                 out.backward(torch.ones_like(out))
 

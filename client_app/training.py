@@ -142,6 +142,16 @@ def has_bf16_units(device: torch.device) -> bool | None:
     return None
 
 
+def mixed_precision(device_type: str, precision: str) -> torch.autocast:
+    """The context of one mini-batch's forward pass and loss for run-config
+    ``client-precision``: bfloat16 autocast for ``bf16`` (convolutions and matrix
+    products in bfloat16, reductions such as the loss in float32), a disabled one
+    (plain float32) for ``fp32``."""
+    return torch.autocast(
+        device_type, dtype=torch.bfloat16, enabled=precision == "bf16"
+    )
+
+
 @functools.cache
 def warn_if_bf16_is_emulated(device: torch.device) -> None:
     """Log once per process and device when ``client-precision = "bf16"`` runs
@@ -195,13 +205,11 @@ def train_local(
         momentum=hparams.momentum,
         weight_decay=hparams.weight_decay,
     )
-    # Mixed precision: autocast runs convolutions and matrix products in bfloat16
-    # and keeps reductions such as the loss in float32; the parameters, their
-    # gradients and the optimizer stay float32, so the update is float32.
-    bf16 = hparams.precision == "bf16"
-    if bf16:
+    # The parameters, their gradients and the optimizer stay float32 under
+    # mixed precision, so the update is float32.
+    if hparams.precision == "bf16":
         warn_if_bf16_is_emulated(x.device)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+    autocast = mixed_precision(x.device.type, hparams.precision)
     model.train()
     n = x.shape[0]
     total, batches = 0.0, 0
